@@ -1,0 +1,52 @@
+"""Per-architecture defaults: built-in smoke configurations, export profiles, parity tolerances.
+
+Pure data (no torch): the runtime reads the tolerance table too.
+"""
+from __future__ import annotations
+
+from models.config import ModelConfig
+
+# Small built-in models (random weights from BUILTIN_SEED) for smoke runs and the README's
+# main command. Vocabulary 320 = the 256 byte tokens + specials of the built-in byte-level
+# tokenizer (runtime/tokenizer.py), rounded up.
+BUILTIN_SEED = 1234
+BUILTIN_VOCAB = 320
+
+_common = dict(vocab_size=BUILTIN_VOCAB, hidden_size=64, n_layers=2, n_heads=4, head_dim=16,
+               intermediate_size=256, max_position=512, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+BUILTIN: dict[str, ModelConfig] = {
+    # Pythia-like: partial rotary, parallel residual, biases everywhere, untied head
+    "gpt_neox": ModelConfig(arch="gpt_neox", n_kv_heads=4, norm="layernorm", mlp="plain", activation="gelu",
+                            qkv_bias=True, out_bias=True, mlp_bias=True, positions="rope", rotary_dim=4,
+                            parallel_residual=True, **_common),
+    # Llama-like: RMSNorm, SwiGLU, GQA, tied head
+    "llama": ModelConfig(arch="llama", n_kv_heads=2, norm="rmsnorm", norm_eps=1e-6, mlp="gated",
+                         activation="silu", positions="rope", rotary_dim=16, rope_theta=10000.0,
+                         tie_word_embeddings=True, **{**_common, "intermediate_size": 172}),
+    # StarCoder2-like: LayerNorm with bias, tanh-GELU, GQA, sliding window, tied head
+    "starcoder2": ModelConfig(arch="starcoder2", n_kv_heads=2, norm="layernorm", mlp="plain",
+                              activation="gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True,
+                              positions="rope", rotary_dim=16, rope_theta=100000.0, sliding_window=64,
+                              tie_word_embeddings=True, **_common),
+    # XGLM-like: sinusoidal positions with offset 2, scaled embeddings, tied head
+    "xglm": ModelConfig(arch="xglm", n_kv_heads=4, norm="layernorm", mlp="plain", activation="gelu",
+                        qkv_bias=True, out_bias=True, mlp_bias=True, positions="sinusoidal",
+                        embed_scale=8.0, tie_word_embeddings=True, **_common),
+}
+
+# Export profile defaults: the static cache length and the batch range of the graph/engine.
+DEFAULT_MAX_SEQ = 2048  # capped by the model's max_position
+DEFAULT_MAX_BATCH = 8
+DEFAULT_OPSET = 24
+
+# Parity tolerances per artifact dtype (reference: our PyTorch model in fp32).
+#   max_abs: largest |logit difference| allowed at any position of any step
+#   top1:    minimum fraction of positions whose argmax agrees
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float32": {"max_abs": 1e-3, "top1": 0.99},
+    "float16": {"max_abs": 0.25, "top1": 0.99},
+    "bfloat16": {"max_abs": 1.0, "top1": 0.95},
+}
+
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

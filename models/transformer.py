@@ -1,0 +1,265 @@
+"""The reference decoder: one implementation for gpt_neox, llama, starcoder2 and xglm.
+
+Architectures differ only through `ModelConfig` fields; `__init__` branches on them,
+`forward` is straight-line. The KV cache is explicit and comes in the two layouts of the
+I/O contract (runtime/io_spec.py):
+
+  static : per layer K and V of (B, n_kv, S_max, hd), preallocated; the T new positions of
+           row b are written at slots position_ids[b, 0] .. position_ids[b, 0] + T - 1, so a
+           slot index *is* a position. Rows may have different lengths (right padding: a
+           padding token's slot is overwritten by that row's next real token).
+  dynamic: past (B, n_kv, P, hd) -> present (B, n_kv, P + T, hd) by concatenation, with an
+           attention_mask (B, P + T) of 1 for real tokens and 0 for padding.
+
+Scores and softmax run in fp32 whatever the weight dtype: GPT-NeoX and XGLM overflow fp16
+attention scores otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, rope_inv_freq, sinusoidal_table
+
+
+# --------------------------------------------------------------------------- caches
+class StaticCache:
+    layout = "static"
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq: int, dtype=torch.float32, device=None):
+        shape = (batch, cfg.n_kv_heads, max_seq, cfg.head_dim)  # (B, n_kv, S_max, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_seq = max_seq
+
+    def update(self, i: int, k_new: torch.Tensor, v_new: torch.Tensor, position_ids: torch.Tensor):
+        B, n_kv, T, hd = k_new.shape
+        slots = position_ids[:, :1] + torch.arange(T, device=k_new.device)  # (B, T)
+        idx = slots[:, None, :, None].expand(B, n_kv, T, hd)
+        self.k[i].scatter_(2, idx, k_new.to(self.k[i].dtype))
+        self.v[i].scatter_(2, idx, v_new.to(self.v[i].dtype))
+        return self.k[i], self.v[i]
+
+    def key_positions(self, attention_mask):
+        # slot j holds position j; every slot is "valid", causality does the rest
+        return torch.arange(self.max_seq, device=self.k[0].device)[None, :], None
+
+
+class DynamicCache:
+    layout = "dynamic"
+
+    def __init__(self, cfg: ModelConfig, batch: int, dtype=torch.float32, device=None):
+        shape = (batch, cfg.n_kv_heads, 0, cfg.head_dim)  # (B, n_kv, P=0, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, i: int, k_new, v_new, position_ids):
+        self.k[i] = torch.cat([self.k[i], k_new.to(self.k[i].dtype)], dim=2)  # (B, n_kv, P+T, hd)
+        self.v[i] = torch.cat([self.v[i], v_new.to(self.v[i].dtype)], dim=2)
+        return self.k[i], self.v[i]
+
+    def key_positions(self, attention_mask):
+        # the position of the token in slot j = number of real tokens before it
+        kpos = torch.cumsum(attention_mask, dim=1) - 1  # (B, P+T)
+        return kpos, attention_mask.bool()
+
+
+def attention_mask_bool(cfg: ModelConfig, position_ids, key_pos, key_valid, q_slots, n_slots):
+    """(B, 1, T, S) bool: which cached slots each new query may attend.
+
+    causal by slot (a slot written later than the query is invisible), padding slots
+    excluded, sliding window by position; a query always sees its own slot, so padding
+    queries stay finite.
+    """
+    k_slot = torch.arange(n_slots, device=position_ids.device)  # (S,)
+    allowed = k_slot[None, None, :] <= q_slots[:, :, None]  # (B, T, S)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    if cfg.sliding_window is not None:
+        allowed = allowed & (key_pos[:, None, :] > position_ids[:, :, None] - cfg.sliding_window)
+    allowed = allowed | (k_slot[None, None, :] == q_slots[:, :, None])
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+# --------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # statistics in fp32
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+ACT = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, Fh, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.up = nn.Linear(D, Fh, bias=b)
+        self.gate = nn.Linear(D, Fh, bias=b) if cfg.mlp == "gated" else None
+        self.down = nn.Linear(Fh, D, bias=b)
+        self.act = ACT[cfg.activation]
+
+    def forward(self, x):
+        if self.gate is not None:  # SwiGLU
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
+
+
+def rotate(x, cos, sin, rotary_dim: int):
+    """Rotate-half RoPE on the first rotary_dim dims. x (B, h, T, hd); cos/sin (B, 1, T, r/2)."""
+    half = rotary_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        D = cfg.hidden_size
+        self.cfg, self.layer = cfg, layer
+        self.q = nn.Linear(D, cfg.q_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(D, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.q_dim, D, bias=cfg.out_bias)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x, rope, mask, cache, position_ids):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if rope is not None:
+            cos, sin = rope  # (B, 1, T, r/2), model dtype
+            q, k = rotate(q, cos, sin, cfg.rotary_dim), rotate(k, cos, sin, cfg.rotary_dim)
+        k_all, v_all = cache.update(self.layer, k, v, position_ids)  # (B, n_kv, S, hd)
+        rep = cfg.n_heads // cfg.n_kv_heads  # GQA: query head h reads kv head h // rep
+        k_all = k_all.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        v_all = v_all.repeat_interleave(rep, dim=1)
+        scores = (q.float() @ k_all.float().transpose(-1, -2)) * self.scale  # (B, H, T, S) fp32
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v_all.dtype)
+        out = (probs @ v_all).transpose(1, 2).reshape(B, T, cfg.q_dim)  # (B, T, H*hd)
+        return self.o(out)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.parallel = cfg.parallel_residual
+
+    def forward(self, x, rope, mask, cache, position_ids):
+        a = self.attn(self.norm1(x), rope, mask, cache, position_ids)
+        if self.parallel:  # GPT-NeoX: both branches read the block input
+            return x + a + self.mlp(self.norm2(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.positions == "sinusoidal":
+            table = sinusoidal_table(cfg, cfg.max_position + cfg.sinusoidal_offset)
+            self.register_buffer("pos_table", torch.from_numpy(table), persistent=False)
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def rope(self, position_ids):
+        cfg = self.cfg
+        if cfg.positions != "rope":
+            return None
+        seq_len = int(position_ids.max()) + 1 if cfg.rope_type == "dynamic" else None
+        inv, scale = rope_inv_freq(cfg, seq_len)
+        inv = torch.from_numpy(inv).to(position_ids.device)
+        freqs = position_ids[:, None, :, None].float() * inv  # (B, 1, T, r/2) fp32
+        return (freqs.cos() * scale).to(self.dtype), (freqs.sin() * scale).to(self.dtype)
+
+    def check_inputs(self, input_ids, position_ids):
+        if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
+                             "must both be (batch, seq)")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"input_ids: token id {int(input_ids.max())} out of range [0, {self.cfg.vocab_size})")
+        if position_ids.numel() and int(position_ids.max()) >= self.cfg.max_position:
+            raise ValueError(f"position_ids: position {int(position_ids.max())} beyond the model's "
+                             f"max_position {self.cfg.max_position}")
+
+    def forward(self, input_ids, position_ids, cache, attention_mask=None):
+        """input_ids, position_ids (B, T) int64 -> logits (B, T, V) float32; updates `cache`.
+
+        attention_mask (B, P + T) is used by the dynamic layout only (None: all real).
+        """
+        cfg = self.cfg
+        self.check_inputs(input_ids, position_ids)
+        B, T = input_ids.shape
+        x = self.embed(input_ids) * cfg.embed_scale  # (B, T, D)
+        if cfg.positions == "sinusoidal":
+            x = x + self.pos_table[position_ids + cfg.sinusoidal_offset].to(x.dtype)
+        if cache.layout == "static":
+            q_slots, n_slots = position_ids, cache.max_seq
+        else:
+            P = cache.length
+            if attention_mask is None:
+                attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
+            q_slots = (P + torch.arange(T, device=input_ids.device)).expand(B, T)
+            n_slots = P + T
+        key_pos, key_valid = cache.key_positions(attention_mask)
+        mask = attention_mask_bool(cfg, position_ids, key_pos, key_valid, q_slots, n_slots)  # (B,1,T,S)
+        rope = self.rope(position_ids)
+        for block in self.layers:
+            x = block(x, rope, mask, cache, position_ids)
+        x = self.norm_f(x)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return (x @ head.t()).float()  # (B, T, V)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transformer:
+    """A model with deterministic random weights (the built-in smoke configurations)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm_f.weight":
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen) * (2.0 if "embed" in name else 1.0))
+    return model.to(dtype).eval()

@@ -1,0 +1,90 @@
+"""The one I/O contract: graph tensor names, dtypes, dynamic axes and cache layouts.
+
+Used by the ONNX exporter (graph inputs/outputs), the TensorRT builder (profiles), the
+runtime (buffers and bindings) and the tests. It lives in `runtime/` because the runtime
+ships alone (no torch, no exporter); the exporter imports it from here.
+
+Graph I/O, both layouts (B = batch, T = new tokens this call):
+  input_ids      int64 (B, T)
+  position_ids   int64 (B, T)   position of each new token; in the static layout row b's
+                                 tokens are written at slots position_ids[b, 0] + t
+  logits         float32 (B, T, V)  every position (prefill/scoring and decode alike)
+static layout (fixed S = max_seq; caches are graph inputs and outputs that alias them):
+  past_key_values.{i}.key / .value   dtype (B, n_kv, S, hd)
+  present.{i}.key / .value           dtype (B, n_kv, S, hd)  -- TensorScatter output, bind to
+                                                               the same buffer as the input
+dynamic layout (P = cached tokens):
+  attention_mask int64 (B, P + T)  1 real token, 0 padding
+  past_key_values.{i}.key / .value   dtype (B, n_kv, P, hd)
+  present.{i}.key / .value           dtype (B, n_kv, P + T, hd)
+"""
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+LAYOUTS = ("static", "dynamic")
+DTYPES = ("float32", "float16", "bfloat16")
+MANIFEST_NAME = "kvtrace.json"
+ONNX_NAME = "model.onnx"
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+def cache_pairs(n_layers: int):
+    """[(input name, output name)] for every cache tensor, layer-major, key before value."""
+    out = []
+    for i in range(n_layers):
+        out.append((past_key(i), present_key(i)))
+        out.append((past_value(i), present_value(i)))
+    return out
+
+
+def build(*, n_layers: int, n_kv_heads: int, head_dim: int, vocab_size: int, dtype: str,
+          layout: str, max_seq: int, max_batch: int) -> dict:
+    """The I/O spec stored in every manifest: {"inputs": [...], "outputs": [...], ...}.
+
+    Each tensor: {"name", "dtype", "shape"} with symbolic dims as strings.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"cache layout {layout!r}: expected one of {LAYOUTS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
+    ids = {"dtype": "int64", "shape": ["batch", "seq"]}
+    inputs = [dict(name=INPUT_IDS, **ids), dict(name=POSITION_IDS, **ids)]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "seq", vocab_size]}]
+    if layout == "static":
+        cshape_in = cshape_out = ["batch", n_kv_heads, max_seq, head_dim]
+    else:
+        inputs.append({"name": ATTENTION_MASK, "dtype": "int64", "shape": ["batch", "total_seq"]})
+        cshape_in = ["batch", n_kv_heads, "past_seq", head_dim]
+        cshape_out = ["batch", n_kv_heads, "total_seq", head_dim]
+    for src, dst in cache_pairs(n_layers):
+        inputs.append({"name": src, "dtype": dtype, "shape": list(cshape_in)})
+        outputs.append({"name": dst, "dtype": dtype, "shape": list(cshape_out)})
+    return {
+        "layout": layout,
+        "max_seq": max_seq,
+        "max_batch": max_batch,
+        "logits": "all_positions",
+        "cache_aliases": {dst: src for src, dst in cache_pairs(n_layers)} if layout == "static" else {},
+        "inputs": inputs,
+        "outputs": outputs,
+    }
