@@ -1,0 +1,394 @@
+"""Strict loading of Hugging Face checkpoints into the reference Transformer.
+
+    load_checkpoint(dir, dtype=None, allow_pickle=False) -> Loaded(model, config, hf_config,
+                                                                   digest, tokenizer_file, files)
+
+A checkpoint directory holds config.json and either model.safetensors, or shards listed by
+model.safetensors.index.json, or (refused unless allow_pickle) pytorch_model.bin[.index.json].
+
+Strict: every tensor the model needs must be present with the right shape, every tensor in the
+files must be used (or be a known buffer such as rotary inv_freq), and a tied checkpoint that
+still stores its head must store the embedding there. Errors name the HF tensor, the canonical
+parameter and the file.
+
+Memory: the model is built on the meta device, and each tensor is read straight from the file
+into its final buffer (`readinto`, no mmap), converted to the target dtype one tensor at a time.
+Peak RSS is the model itself plus a 16 MiB staging buffer for dtype conversions and, for
+GPT-NeoX, one fused qkv tensor while it is split: never a second copy of the checkpoint.
+The files are read front to back once, and the sha256 digest is computed in the same pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.errors import KvtraceError
+
+from .config import ConfigError, ModelConfig
+from .hf import Adapter, adapter_for, hf_shape, is_ignored, split_tensor, weight_table
+from .transformer import Transformer
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_LOADABLE = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK = 1 << 30  # Linux read() returns at most ~2 GiB per call: read big tensors in pieces
+_STAGE_BYTES = 16 << 20  # staging buffer for dtype conversion
+
+
+@dataclass
+class Loaded:
+    model: Transformer  # eval mode, parameters in `dtype` (or the checkpoint's)
+    config: ModelConfig
+    hf_config: dict
+    digest: str  # sha256 hex of the weight files' bytes, concatenated in `files` order
+    tokenizer_file: Path | None  # tokenizer.json beside the weights, when present
+    files: list[Path]  # the weight files read
+
+
+@dataclass
+class _Entry:
+    """One tensor in one weight file."""
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a dtype we cannot load (named in the error if it is used)
+    dtype_name: str
+    start: int = 0  # absolute byte offsets in the file (safetensors)
+    end: int = 0
+    tensor: Any = None  # pickle checkpoints: the tensor itself
+
+
+# --------------------------------------------------------------------------- small helpers
+def _canonical_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _LOADABLE:
+            raise KvtraceError(f"dtype {dtype}: expected one of float32, float16, bfloat16")
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise KvtraceError(f"dtype {dtype!r}: expected one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    return _DTYPES[str(dtype)]
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise KvtraceError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KvtraceError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """Writable bytes of a contiguous CPU tensor (any dtype, bf16 included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _readinto(f, buf: memoryview, path: Path, what: str) -> None:
+    done = 0
+    while done < len(buf):
+        n = f.readinto(buf[done:done + _CHUNK])
+        if not n:
+            raise KvtraceError(f"{path}: file is truncated (ended while reading {what})")
+        done += n
+
+
+# --------------------------------------------------------------------------- safetensors headers
+def _safetensors_header(path: Path) -> tuple[int, dict[str, _Entry]]:
+    """(header length incl. the 8-byte size, entries) with every offset checked against the file size."""
+    if not path.is_file():
+        raise KvtraceError(f"{path}: weight file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise KvtraceError(f"{path}: not a safetensors file (truncated: {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000 or 8 + n > size:
+            raise KvtraceError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, "
+                               f"file of {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        assert isinstance(header, dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+        raise KvtraceError(f"{path}: corrupt safetensors file (header is not a JSON object)") from None
+    base = 8 + n
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            b, e = int(b), int(e)
+        except (KeyError, TypeError, ValueError):
+            raise KvtraceError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        dtype = _ST_DTYPES.get(dtype_name)
+        itemsize = dtype.itemsize if dtype is not None else None
+        if not 0 <= b <= e or (itemsize is not None and e - b != math.prod(shape) * itemsize):
+            raise KvtraceError(f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} "
+                               f"{dtype_name} has data offsets [{b}, {e}]")
+        if base + e > size:
+            raise KvtraceError(f"{path}: file is truncated: tensor '{name}' needs bytes up to {base + e}, "
+                               f"the file has {size}")
+        entries[name] = _Entry(name, path, shape, dtype, dtype_name, base + b, base + e)
+    return base, entries
+
+
+# --------------------------------------------------------------------------- finding the weights
+def _weight_files(root: Path, allow_pickle: bool) -> tuple[str, list[Path], dict[str, str] | None]:
+    """('safetensors' | 'pickle', files sorted by name, index weight_map or None)."""
+    def from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
+        index = _read_json(index_path, "weight index")
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise KvtraceError(f"{index_path}: no 'weight_map' object in the weight index")
+        names = sorted(set(wmap.values()))
+        for n in names:
+            if not isinstance(n, str) or Path(n).name != n:
+                raise KvtraceError(f"{index_path}: shard name {n!r} is not a plain file name")
+            if not (root / n).is_file():
+                raise KvtraceError(f"{root / n}: shard listed in {index_path.name} is missing")
+        return [root / n for n in names], wmap
+
+    if (root / SAFETENSORS_INDEX).is_file():
+        files, wmap = from_index(root / SAFETENSORS_INDEX)
+        return "safetensors", files, wmap
+    if (root / SAFETENSORS).is_file():
+        return "safetensors", [root / SAFETENSORS], None
+    pickled = root / PICKLE_INDEX if (root / PICKLE_INDEX).is_file() else root / PICKLE
+    if pickled.is_file():
+        if not allow_pickle:
+            raise KvtraceError(
+                f"{pickled}: refusing to load a pickle checkpoint: loading pickle can execute arbitrary code. "
+                "Convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source")
+        if pickled.name == PICKLE_INDEX:
+            files, wmap = from_index(pickled)
+            return "pickle", files, wmap
+        return "pickle", [pickled], None
+    raise KvtraceError(f"{root}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} for a sharded "
+                       f"checkpoint, or {PICKLE} with --allow-pickle)")
+
+
+def _pickle_entries(path: Path) -> dict[str, _Entry]:
+    try:  # the safe unpickler first; the full one only for old files that need it (the user allowed it)
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise KvtraceError(f"{path}: cannot read the pickle checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise KvtraceError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    out = {}
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise KvtraceError(f"{path}: entry '{name}' is not a tensor")
+        out[name] = _Entry(name, path, tuple(t.shape), t.dtype if t.dtype in _LOADABLE else None,
+                           str(t.dtype), tensor=t)
+    return out
+
+
+def _collect(kind: str, files: list[Path], wmap: dict[str, str] | None) -> dict[str, _Entry]:
+    entries: dict[str, _Entry] = {}
+    for f in files:
+        found = _safetensors_header(f)[1] if kind == "safetensors" else _pickle_entries(f)
+        for name, e in found.items():
+            if name in entries:
+                raise KvtraceError(f"tensor '{name}' is stored twice: in {entries[name].file} and in {f}")
+            entries[name] = e
+    if wmap is not None:  # the index must describe the shards
+        for name, shard in wmap.items():
+            if name not in entries or entries[name].file.name != shard:
+                where = f"it is in {entries[name].file}" if name in entries else "no shard holds it"
+                raise KvtraceError(f"{files[0].parent / shard}: the weight index lists tensor '{name}' "
+                                   f"in this shard, but {where}")
+    return entries
+
+
+# --------------------------------------------------------------------------- the plan
+def _check(adapter: Adapter, cfg: ModelConfig, table: dict, entries: dict[str, _Entry], root: Path) -> list:
+    """Every needed tensor present with its shape; nothing unexpected. Returns the tied-head entry list."""
+    for hf_name, canon in table.items():
+        label = f"tensor '{hf_name}' (parameter {', '.join(canon)})"
+        if hf_name not in entries:
+            raise KvtraceError(f"{root}: missing {label}; the weight files have no such tensor")
+        e = entries[hf_name]
+        want = hf_shape(cfg, canon)
+        if e.shape != want:
+            raise KvtraceError(f"{e.file}: {label} has shape {list(e.shape)}, expected {list(want)} "
+                               "from config.json")
+        if e.dtype is None:
+            raise KvtraceError(f"{e.file}: {label} has dtype {e.dtype_name}; only F32, F16, BF16 (and F64) "
+                               "weights can be loaded")
+    tied_head = []
+    for name, e in entries.items():
+        if name in table or is_ignored(adapter, name):
+            continue
+        if cfg.tie_word_embeddings and name == adapter.head_name:
+            embed_shape = cfg.param_shapes()["embed.weight"]
+            if e.shape != embed_shape or e.dtype is None:
+                raise KvtraceError(f"{e.file}: tensor '{name}' (tied output head) has shape {list(e.shape)} "
+                                   f"{e.dtype_name}, expected the embedding's {list(embed_shape)}")
+            tied_head.append(e)
+            continue
+        raise KvtraceError(f"{e.file}: unexpected tensor '{name}' (shape {list(e.shape)}): no parameter of the "
+                           f"{adapter.hf_arch} model described by config.json takes it")
+    return tied_head
+
+
+def _checkpoint_dtype(table: dict, entries: dict[str, _Entry]) -> torch.dtype:
+    """The dtype holding most of the parameter elements (a few fp32 norms in an fp16 file do not count)."""
+    count: dict[torch.dtype, int] = {}
+    for hf_name in table:
+        e = entries[hf_name]
+        count[e.dtype] = count.get(e.dtype, 0) + math.prod(e.shape)
+    best = max(count, key=count.get)
+    return best if best in _LOADABLE else torch.float32
+
+
+def _set_param(model: nn.Module, canon: str, t: torch.Tensor) -> None:
+    module_path, leaf = canon.rsplit(".", 1)
+    setattr(model.get_submodule(module_path), leaf, nn.Parameter(t, requires_grad=False))
+
+
+# --------------------------------------------------------------------------- reading
+def _read_entry(f, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor `e` from open file `f` (positioned at e.start), as `dtype`.
+
+    Same dtype: read straight into the result. Otherwise through a small staging buffer, so a
+    conversion never holds a whole second tensor (an fp32 embedding is the largest one).
+    """
+    out = torch.empty(e.shape, dtype=dtype)
+    what = f"tensor '{e.name}'"
+    if e.dtype == dtype:
+        _readinto(f, _byte_view(out), e.file, what)
+        return out
+    flat = out.view(-1)  # (numel,)
+    step = max(1, _STAGE_BYTES // e.dtype.itemsize)
+    stage = torch.empty(min(step, flat.numel()), dtype=e.dtype)
+    for i in range(0, flat.numel(), step):
+        part = stage[:min(step, flat.numel() - i)]
+        _readinto(f, _byte_view(part), e.file, what)
+        flat[i:i + part.numel()].copy_(part)  # converts
+    return out
+
+
+class _HashingReader:
+    """Wraps a raw file so that every byte read also goes into the digest."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def readinto(self, buf):
+        n = self.f.readinto(buf)
+        if n:
+            self.digest.update(buf[:n])
+        return n
+
+
+def _stream_file(path: Path, entries: list[_Entry], digest, use) -> None:
+    """Read one safetensors file front to back, every byte into `digest`.
+
+    use(entry, f) is called with f positioned at each tensor's data; it reads the tensor or
+    returns None, and then the bytes are read here (hashed, not kept).
+    """
+    base, _ = _safetensors_header(path)
+    with open(path, "rb", buffering=0) as raw:
+        f = _HashingReader(raw, digest)
+        _readinto(f, memoryview(bytearray(base)), path, "the header")
+        pos = base
+        for e in sorted(entries, key=lambda e: e.start):
+            if e.start < pos:
+                raise KvtraceError(f"{path}: corrupt safetensors file: tensor '{e.name}' overlaps another")
+            if e.start > pos:  # alignment padding
+                _readinto(f, memoryview(bytearray(e.start - pos)), path, "padding")
+            if use(e, f) is None:  # an ignored buffer or a tied head (compared later)
+                _readinto(f, memoryview(bytearray(e.end - e.start)), path, f"tensor '{e.name}'")
+            pos = e.end
+        while f.readinto(memoryview(bytearray(1 << 20))):  # trailing bytes, if any, count too
+            pass
+
+
+def _hash_file(path: Path, digest) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+
+
+# --------------------------------------------------------------------------- the loader
+def load_checkpoint(path, *, dtype=None, allow_pickle: bool = False) -> Loaded:
+    """Load a Hugging Face checkpoint directory strictly into a `Transformer` (eval mode)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise KvtraceError(f"{root}: not a checkpoint directory (expected config.json + *.safetensors)")
+    want_dtype = _canonical_dtype(dtype)
+    cfg_path = root / "config.json"
+    hf_config = _read_json(cfg_path, "config.json")
+    try:
+        adapter = adapter_for(hf_config)
+        cfg = adapter.make_config(hf_config)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+
+    kind, files, wmap = _weight_files(root, allow_pickle)
+    entries = _collect(kind, files, wmap)
+    table = weight_table(adapter, cfg)
+    tied_head = _check(adapter, cfg, table, entries, root)
+    dtype = want_dtype or _checkpoint_dtype(table, entries)
+
+    with torch.device("meta"):
+        model = Transformer(cfg)  # no memory for parameters yet
+
+    def take(e: _Entry, t: torch.Tensor) -> bool:
+        """Put HF tensor `e` (already in `dtype`) into the model, splitting fused tensors."""
+        for canon, part in split_tensor(adapter, cfg, table[e.name], t):
+            _set_param(model, canon, part)
+        return True
+
+    digest = hashlib.sha256()
+    if kind == "safetensors":
+        for path_ in files:
+            _stream_file(path_, [e for e in entries.values() if e.file == path_], digest,
+                         lambda e, f: take(e, _read_entry(f, e, dtype)) if e.name in table else None)
+        for e in tied_head:  # re-read the stored head and compare it with the embedding
+            with open(e.file, "rb", buffering=0) as f:
+                f.seek(e.start)
+                head = _read_entry(f, e, dtype)
+            _check_tied(model, e, head, adapter)
+    else:
+        for path_ in files:
+            _hash_file(path_, digest)
+        for e in entries.values():
+            if e.name in table:
+                take(e, e.tensor.to(dtype, copy=True))
+        for e in tied_head:
+            _check_tied(model, e, e.tensor.to(dtype), adapter)
+        entries.clear()  # drop the mmapped pickle storage
+
+    left = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if left:  # cannot happen when the table covers param_shapes(); guard against drift
+        raise KvtraceError(f"{root}: internal error: parameters not filled: {left[:5]}")
+    tok = root / "tokenizer.json"
+    return Loaded(model=model.eval(), config=cfg, hf_config=hf_config, digest=digest.hexdigest(),
+                  tokenizer_file=tok if tok.is_file() else None, files=files)
+
+
+def _check_tied(model: Transformer, e: _Entry, head: torch.Tensor, adapter: Adapter) -> None:
+    if not torch.equal(head, model.embed.weight):
+        raise KvtraceError(f"{e.file}: tensor '{e.name}' differs from the embedding "
+                           f"'{adapter.global_names['embed']}.weight', but config.json says "
+                           "tie_word_embeddings is true (set it to false if the head is separate)")
