@@ -42,11 +42,16 @@ DEFAULT_OPSET = 24
 
 # Parity tolerances per artifact dtype (reference: our PyTorch model in fp32).
 #   max_abs: largest |logit difference| allowed at any position of any step
-#   top1:    minimum fraction of positions whose argmax agrees
+#   top1:    minimum fraction of positions whose argmax agrees (positions where the reference's
+#            top-2 margin is a near tie do not count)
+# fp16 rounds every activation to 11 significant bits: on the trained stories260K the torch fp16
+# model itself is 0.15 from fp32 and our fp16 graph 0.23, so 0.25 would leave no margin for a
+# larger real model; a broken graph misses by whole logits and fails top-1 as well.
+# bf16 keeps 8 bits, 8x coarser.
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"max_abs": 1e-3, "top1": 0.99},
-    "float16": {"max_abs": 0.25, "top1": 0.99},
-    "bfloat16": {"max_abs": 1.0, "top1": 0.95},
+    "float16": {"max_abs": 0.5, "top1": 0.99},
+    "bfloat16": {"max_abs": 2.0, "top1": 0.95},
 }
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -56,6 +56,8 @@ def _add_parity(sub):
     p.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--prompt-len", type=int, help="longest prompt; the others are shorter (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
     p.set_defaults(func=lambda a: __import__("exporter.parity", fromlist=["main"]).main(a))
 
@@ -85,6 +87,11 @@ def _add_build(sub):
                    help="target GPU(s), e.g. sm89 (needed to build on a machine without a GPU)")
     p.add_argument("--timing-cache", help="timing cache file to read and update")
     p.add_argument("--workspace", type=float, help="builder workspace limit in GB")
+    p.add_argument("--optimization-level", type=int, choices=range(6), metavar="0-5",
+                   help="TensorRT builder optimization level (default: TensorRT's, 3); 0 builds fastest")
+    p.add_argument("--flavour", choices=["tensorrt", "tensorrt_rtx"],
+                   help="TensorRT Python module to use (default: tensorrt if installed, else tensorrt_rtx)")
+    p.add_argument("--verbose", action="store_true", help="print TensorRT's warnings")
     p.add_argument("--inspect", action="store_true", help="list the network's layer types and counts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda a: __import__("exporter.trt", fromlist=["main"]).main(a))

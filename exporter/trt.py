@@ -1,0 +1,292 @@
+"""`kvtrace build`: a TensorRT engine from an artifact's model.onnx. No torch.
+
+Works with the full TensorRT (module `tensorrt`, >= 10.15) and with TensorRT-RTX (module
+`tensorrt_rtx`), whichever is installed. TensorRT-RTX builds for named compute capabilities
+without a GPU (`--compute-capability sm89`); the full TensorRT builds for the GPU it runs on.
+
+What the parser accepts was measured with TensorRT-RTX 1.7 (/work/notes/trt_findings.md):
+- the ONNX `Attention` node becomes IAttention (layer types ATTENTION_INPUT + ATTENTION_OUTPUT),
+  `RotaryEmbedding` becomes ROTARY_EMBEDDING, `TensorScatter` on a static cache input becomes
+  KV_CACHE_UPDATE (output aliases the input: bind both to one buffer);
+- `softmax_precision` on Attention is rejected by the parser: the attribute is removed here
+  before parsing (TensorRT's attention kernels keep scores and softmax in fp32 anyway);
+- fp32 attention has no dedicated kernel: the build fails unless the attention is marked
+  decomposable, which is done here for fp32 networks (the layers stay fused in the network).
+
+Profiles come from the manifest's I/O spec: "decode" (one token per row) first, then "prefill"
+(1..max_seq tokens); batch 1..max_batch; a static cache's length is fixed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from runtime.errors import KvtraceError
+from runtime.manifest import load_manifest, write_manifest
+from runtime.trt_backend import TrtLogger, gpu_compute_capability, import_tensorrt, normalize_cc
+
+ENGINE_NAME = "model.engine"
+# the largest prefill length the "opt" point of the prefill profile is tuned for by default
+DEFAULT_OPT_SEQ = 128
+
+
+# ------------------------------------------------------------------ profiles
+def plan_profiles(io: dict, *, max_batch: int | None = None, max_seq: int | None = None,
+                  opt_batch: int | None = None, opt_seq: int | None = None) -> tuple[list[dict], dict]:
+    """Optimization profiles [{"name", "inputs": {name: {"min", "opt", "max"}}}] from the I/O spec.
+
+    Symbolic dims: batch, seq (new tokens), past_seq / total_seq (dynamic cache); integers are fixed.
+    Returns (profiles, limits) with limits = {"max_batch", "max_seq"}.
+    """
+    layout, cache_len = io["layout"], int(io["max_seq"])
+    mb = int(max_batch if max_batch is not None else io["max_batch"])
+    ms = int(max_seq if max_seq is not None else cache_len)
+    if mb < 1:
+        raise KvtraceError(f"--max-batch {mb}: must be at least 1")
+    if ms < 1:
+        raise KvtraceError(f"--max-seq {ms}: must be at least 1")
+    if ms > cache_len:
+        what = "static cache length" if layout == "static" else "longest sequence"
+        raise KvtraceError(f"--max-seq {ms} exceeds the artifact's {what} {cache_len} (export with a larger "
+                           f"--max-seq to go further)")
+    ob = int(opt_batch if opt_batch is not None else 1)
+    os_ = int(opt_seq if opt_seq is not None else min(DEFAULT_OPT_SEQ, ms))
+    if not 1 <= ob <= mb:
+        raise KvtraceError(f"--opt-batch {ob}: must be between 1 and the max batch {mb}")
+    if not 1 <= os_ <= ms:
+        raise KvtraceError(f"--opt-seq {os_}: must be between 1 and the max seq {ms}")
+
+    def ranges(kind: str) -> dict[str, tuple[int, int, int]]:
+        seq = (1, 1, 1) if kind == "decode" else (1, os_, ms)
+        # dynamic cache: P cached tokens before this call, P + T <= ms
+        past = (0, min(os_, ms - 1), ms - 1) if kind == "decode" else (0, 0, ms - 1)
+        total = (1, past[1] + seq[1], ms)
+        return {"batch": (1, ob, mb), "seq": seq, "past_seq": past, "total_seq": total}
+
+    profiles = []
+    for kind in ("decode", "prefill"):
+        dims = ranges(kind)
+        inputs = {}
+        for t in io["inputs"]:
+            lo, opt, hi = [], [], []
+            for d in t["shape"]:
+                if isinstance(d, int):
+                    lo.append(d), opt.append(d), hi.append(d)
+                elif d in dims:
+                    a, b, c = dims[d]
+                    lo.append(a), opt.append(b), hi.append(c)
+                else:
+                    raise KvtraceError(f"manifest io: input {t['name']!r} has dimension {d!r}; "
+                                       f"`kvtrace build` knows {', '.join(dims)}")
+            inputs[t["name"]] = {"min": lo, "opt": opt, "max": hi}
+        profiles.append({"name": kind, "inputs": inputs})
+    if ms == 1:  # both profiles would be the same
+        profiles = profiles[:1]
+    return profiles, {"max_batch": mb, "max_seq": ms}
+
+
+# ------------------------------------------------------------------ parsing and inspection
+def _onnx_bytes(onnx_file: Path) -> tuple[bytes, list[str]]:
+    """model.onnx without its external weights, with what TensorRT rejects removed."""
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    changed = []
+    for node in model.graph.node:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            keep = [a for a in node.attribute if a.name != "softmax_precision"]
+            if len(keep) != len(node.attribute):
+                del node.attribute[:]
+                node.attribute.extend(keep)
+                changed.append(node.name or node.output[0])
+    return model.SerializeToString(), changed
+
+
+def layer_counts(trt, network) -> dict[str, int]:
+    """Layer type -> count; "ATTENTION" counts fused attentions (one ATTENTION_OUTPUT each)."""
+    counts = Counter(network.get_layer(i).type.name for i in range(network.num_layers))
+    out = dict(sorted(counts.items()))
+    out["ATTENTION"] = counts.get("ATTENTION_OUTPUT", 0)
+    return out
+
+
+def _attention_layers(trt, network):
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
+            layer.__class__ = trt.IAttentionBoundaryLayer  # the typed view exposes .attention
+            yield layer.attention
+
+
+def parse_network(trt, builder, logger, onnx_file: Path):
+    """Strongly typed network from `onnx_file` (external data read beside it)."""
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flag)
+    parser = trt.OnnxParser(network, logger)
+    data, stripped = _onnx_bytes(onnx_file)
+    if not parser.parse(data, str(onnx_file)):
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise KvtraceError(f"TensorRT cannot parse {onnx_file}: " + " | ".join(errs[:3]))
+    return network, parser, stripped
+
+
+# ------------------------------------------------------------------ build
+def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, opt_seq=None,
+                 compute_capabilities=None, timing_cache=None, workspace_gb=None, optimization_level=None,
+                 flavour=None, log_level="ERROR") -> dict:
+    """Build and write the engine, update the manifest; returns the manifest's "tensorrt" entry
+    plus "layers" and "engine_path"."""
+    d = Path(artifact_dir)
+    manifest = load_manifest(d)
+    data = dict(manifest.data)
+    io = data["io"]
+    trt, flv = import_tensorrt(flavour)
+    profiles, limits = plan_profiles(io, max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch,
+                                     opt_seq=opt_seq)
+    ccs = [normalize_cc(c) for c in (compute_capabilities or [])]
+    built_on = gpu_compute_capability()
+    if ccs and flv == "tensorrt" and ccs != [built_on]:
+        raise KvtraceError(f"--compute-capability {' '.join(ccs)} needs TensorRT-RTX (module tensorrt_rtx): the "
+                           f"full TensorRT builds for the GPU it runs on ({built_on or 'none here'})")
+    if not ccs and built_on is None:
+        # TensorRT-RTX would still build, for a target nobody can name afterwards
+        raise KvtraceError("this machine has no NVIDIA GPU: name the GPU(s) the engine is for with "
+                           "--compute-capability (e.g. --compute-capability sm89 sm120; needs TensorRT-RTX)")
+    if optimization_level is not None and not 0 <= optimization_level <= 5:
+        raise KvtraceError(f"--optimization-level {optimization_level}: expected 0..5")
+
+    logger = TrtLogger(trt, log_level)
+    builder = trt.Builder(logger)
+    onnx_file = manifest.onnx_path
+    network, _parser, stripped = parse_network(trt, builder, logger, onnx_file)
+    layers = layer_counts(trt, network)
+
+    decomposable = data["dtype"] == "float32"
+    if decomposable:
+        for attn in _attention_layers(trt, network):
+            attn.decomposable = True  # no fp32 fused kernel: let the builder split it
+
+    config = builder.create_builder_config()
+    if ccs and flv == "tensorrt_rtx":
+        config.num_compute_capabilities = len(ccs)
+        for i, cc in enumerate(ccs):
+            config.set_compute_capability(getattr(trt.ComputeCapability, cc.upper()), i)
+    if workspace_gb is not None:
+        if workspace_gb <= 0:
+            raise KvtraceError(f"--workspace {workspace_gb}: must be > 0 (GB)")
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if optimization_level is not None:
+        config.builder_optimization_level = int(optimization_level)
+    if timing_cache:
+        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache = config.create_timing_cache(blob)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise KvtraceError(f"--timing-cache {timing_cache}: TensorRT cannot use this timing cache")
+
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for prof in profiles:
+        p = builder.create_optimization_profile()
+        unknown = set(prof["inputs"]) - names
+        if unknown or names - set(prof["inputs"]):
+            raise KvtraceError(f"{onnx_file}: graph inputs {sorted(names)} do not match the manifest's I/O spec "
+                               f"{sorted(prof['inputs'])}")
+        for name, r in prof["inputs"].items():
+            p.set_shape(name, r["min"], r["opt"], r["max"])
+        config.add_optimization_profile(p)
+
+    t0 = time.perf_counter()
+    try:
+        blob = builder.build_serialized_network(network, config)
+    except Exception as e:  # the Python binding raises on some internal errors
+        logger.errors.append(str(e))
+        blob = None
+    seconds = time.perf_counter() - t0
+    if blob is None:
+        raise KvtraceError(f"TensorRT could not build an engine from {onnx_file}: "
+                           + " | ".join(logger.errors[-3:]))
+
+    engine_path = d / ENGINE_NAME
+    _atomic_write(engine_path, blob)
+    if timing_cache:
+        _atomic_write(Path(timing_cache), config.get_timing_cache().serialize())
+
+    section = {
+        "flavour": flv,
+        "version": trt.__version__,
+        "engine": ENGINE_NAME,
+        "engine_sha256": hashlib.sha256(memoryview(blob)).hexdigest(),
+        "onnx_sha256": _sha256_file(onnx_file),
+        "compute_capabilities": ccs or ["current"],
+        "built_on_cc": built_on,
+        "profiles": profiles,
+        "limits": limits,
+        "attention_decomposable": decomposable,
+        "stripped_attributes": {"softmax_precision": len(stripped)} if stripped else {},
+        "optimization_level": optimization_level,
+        "build_seconds": round(seconds, 3),
+        "layers": layers,
+    }
+    data["tensorrt"] = section
+    write_manifest(d, data)
+    return {**section, "engine_path": str(engine_path)}
+
+
+def _atomic_write(path: Path, blob) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(blob))
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an engine is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ CLI
+def main(args) -> int:
+    opt_level = getattr(args, "optimization_level", None)
+    res = build_engine(args.artifact, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
+                       opt_seq=args.opt_seq, compute_capabilities=args.compute_capability,
+                       timing_cache=args.timing_cache, workspace_gb=args.workspace,
+                       optimization_level=opt_level, flavour=getattr(args, "flavour", None),
+                       log_level="WARNING" if getattr(args, "verbose", False) else "ERROR")
+    layers = res["layers"]
+    if not layers.get("ATTENTION") and layers.get("SOFTMAX"):
+        print("kvtrace build: note: attention is not fused in this graph (an --opset 17 export?); "
+              "export with the default opset for fused attention", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"layers": layers, "engine": res["engine_path"], "build_seconds": res["build_seconds"],
+                          "flavour": res["flavour"], "version": res["version"],
+                          "compute_capabilities": res["compute_capabilities"]}))
+        return 0
+    print(f"kvtrace: built {res['engine_path']} with {res['flavour']} {res['version']} for "
+          f"{', '.join(res['compute_capabilities'])} in {res['build_seconds']:.1f} s "
+          f"(batch <= {res['limits']['max_batch']}, <= {res['limits']['max_seq']} tokens per call)")
+    if args.inspect:
+        width = max(len(k) for k in layers)
+        for name, n in layers.items():
+            print(f"  {name:<{width}}  {n}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(None))

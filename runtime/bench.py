@@ -1,0 +1,297 @@
+"""`kvtrace bench`: prefill latency, decode latency per token, throughput and peak memory.
+
+No torch import unless `--compare hf` asks for transformers' numbers.
+
+Method (ours, per batch size B): random prompts of exactly --prompt-len tokens (one seeded
+generator, the same prompts for both sides). A warm-up run first (session caches, allocator,
+page faults of the weights), then --repeats runs of
+    prefill  = Model.start(prompts)                 (all prompt tokens, one call)
+    decode   = new_tokens - 1 calls of Model.step   (the first new token comes from the prefill),
+               each fed the greedy token of the previous call
+prefill ms = median over repeats; decode ms/token = median over repeats of (decode time) /
+(new_tokens - 1); tokens/s = B * 1000 / decode ms per token.
+
+transformers (--compare hf), timed the same way from the outside of `generate`: greedy,
+min_new_tokens = max_new_tokens, use_cache, the same prompts;
+    prefill ms       = median t(generate, 1 new token)
+    decode ms/token  = (median t(generate, N new tokens) - prefill ms) / (N - 1)
+
+Order: every warm-up first, then the timed runs of both sides interleaved (ours, hf, ours,
+hf, ...), so a change of load on a shared machine hits both alike.
+
+Peak memory is the process's peak RSS (resource.ru_maxrss), a high-water mark: ours is read
+after our warm-ups, before transformers is loaded. Thread counts: onnxruntime intra-op and
+torch both use every core available to the process (sched_getaffinity); the output says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KvtraceError
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int, avoid=()) -> list[list[int]]:
+    """`batch` prompts of exactly `prompt_len` ids, avoiding special tokens (an early EOS
+    would not stop anything here, but a pad id in a prompt means something to some models)."""
+    rng = np.random.default_rng(seed)
+    allowed = np.setdiff1d(np.arange(vocab_size), np.array([a for a in avoid if a is not None], dtype=np.int64))
+    return [rng.choice(allowed, size=prompt_len).astype(np.int64).tolist() for _ in range(batch)]
+
+
+def _median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+# --------------------------------------------------------------------------- ours
+def load_model(artifact: str, backend: str, threads: int):
+    """Model.load with onnxruntime's intra-op threads = `threads` (the backend option
+    `threads`); a backend without that option (TensorRT) loads with its defaults."""
+    from .model import Model
+
+    try:
+        return Model.load(artifact, backend=backend, threads=threads), f"{threads} threads"
+    except TypeError as e:
+        if "threads" not in str(e):
+            raise
+        return Model.load(artifact, backend=backend), "backend default"
+
+
+def ours_runner(m, prompts: list[list[int]], new_tokens: int):
+    """One run: prefill, then new_tokens - 1 greedy decode steps -> (prefill ms, decode ms/token)."""
+
+    def run():
+        t0 = time.perf_counter()
+        logits = m.start(prompts)  # (B, T, V)
+        t1 = time.perf_counter()
+        tok = np.asarray(logits)[:, -1].argmax(-1)  # (B,): all prompts have the same length
+        for _ in range(new_tokens - 1):
+            tok = np.asarray(m.step(tok.tolist())).argmax(-1)  # (B,)
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / (new_tokens - 1)
+
+    return run
+
+
+# --------------------------------------------------------------------------- transformers
+def load_hf(checkpoint: str, threads: int):
+    try:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise KvtraceError(f"--compare hf needs torch and transformers installed ({e})") from e
+    torch.set_num_threads(threads)
+    try:
+        # transformers' default attention implementation (sdpa): what a user of generate gets
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise KvtraceError(f"--compare hf: transformers cannot load checkpoint {checkpoint}: {e}") from e
+    return model.eval(), {"transformers": transformers.__version__, "torch": torch.__version__,
+                          "attention": getattr(model.config, "_attn_implementation", None),
+                          "torch_threads": torch.get_num_threads()}
+
+
+def hf_runner(model, prompts: list[list[int]], new_tokens: int):
+    """One run: generate 1 token, then generate new_tokens -> (t(1) ms, t(N) ms)."""
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)  # (B, L): same length, no padding
+    mask = torch.ones_like(ids)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def gen(n: int) -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, use_cache=True, pad_token_id=pad)
+            dt = time.perf_counter() - t0
+        if out.shape[1] != ids.shape[1] + n:
+            raise KvtraceError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens, asked for {n}")
+        return dt * 1e3
+
+    return lambda: (gen(1), gen(new_tokens))
+
+
+def summarize_ours(runs) -> dict:
+    pre, dec = [r[0] for r in runs], [r[1] for r in runs]
+    return {"prefill_ms": _median(pre), "decode_ms_per_token": _median(dec),
+            "prefill_ms_runs": [round(x, 2) for x in pre], "decode_ms_per_token_runs": [round(x, 3) for x in dec]}
+
+
+def summarize_hf(runs, new_tokens: int) -> dict:
+    t1, tn = [r[0] for r in runs], [r[1] for r in runs]
+    pre = _median(t1)
+    return {"prefill_ms": pre, "decode_ms_per_token": (_median(tn) - pre) / (new_tokens - 1),
+            "generate_1_ms_runs": [round(x, 2) for x in t1],
+            "generate_n_ms_runs": [round(x, 2) for x in tn]}
+
+
+# --------------------------------------------------------------------------- driver
+def _read_manifest(artifact: str) -> dict:
+    from .io_spec import MANIFEST_NAME
+
+    p = Path(artifact) / MANIFEST_NAME
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise KvtraceError(f"{p}: no manifest (is {artifact} an artifact directory written by kvtrace export?)") from e
+    except json.JSONDecodeError as e:
+        raise KvtraceError(f"{p}: not valid JSON ({e})") from e
+
+
+def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int = 128, new_tokens: int = 64,
+          repeats: int = 3, compare: str | None = None, checkpoint: str | None = None, seed: int = 0,
+          log=None) -> dict:
+    """Run the benchmark; returns the JSON-able result dict."""
+    log = log or (lambda s: None)
+    for name, v, lo in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1)):
+        if v < lo:
+            raise KvtraceError(f"{name} {v}: must be >= {lo}")
+    if any(b < 1 for b in batches):
+        raise KvtraceError(f"--batch {list(batches)}: batch sizes must be >= 1")
+    manifest = _read_manifest(artifact)
+    cfg, io = manifest["config"], manifest.get("io") or {}
+    if io.get("max_batch") and max(batches) > io["max_batch"]:
+        raise KvtraceError(f"--batch {max(batches)}: the artifact takes at most {io['max_batch']} rows")
+    room = min(x for x in (io.get("max_seq"), cfg.get("max_position")) if x)
+    if prompt_len + new_tokens > room:
+        raise KvtraceError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the artifact's "
+                           f"{room} positions (export with a larger --max-seq)")
+    hf_ckpt = None
+    if compare == "hf":
+        hf_ckpt = checkpoint or (manifest.get("source") or {}).get("path")
+        if (manifest.get("source") or {}).get("kind") == "builtin" and not checkpoint:
+            raise KvtraceError("--compare hf: this artifact was exported from a built-in configuration, which has "
+                               "no Hugging Face checkpoint; pass --checkpoint DIR")
+        if not hf_ckpt or not (Path(hf_ckpt) / "config.json").is_file():
+            raise KvtraceError(f"--compare hf: checkpoint {hf_ckpt}: no config.json there; pass --checkpoint DIR")
+
+    n = cores()
+    avoid = (cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id"))
+    rss0 = peak_rss_mb()
+    m, thread_note = load_model(artifact, backend, n)
+    result = {
+        "artifact": str(artifact), "architecture": manifest.get("architecture"), "dtype": manifest.get("dtype"),
+        "layout": io.get("layout"), "backend": getattr(m, "backend_name", backend),
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "seed": seed,
+        "cores": n, "threads": {"onnxruntime_intra_op": n if thread_note.endswith("threads") else None, "how": thread_note},
+        "load_avg_start": os.getloadavg()[0],
+        "peak_rss_mb_before_load": round(rss0, 1),
+        "batches": {},
+    }
+    log(f"kvtrace bench {artifact}: backend {result['backend']}, {n} cores; onnxruntime intra-op threads: "
+        f"{thread_note}; load average {result['load_avg_start']:.2f}")
+    # warm-ups first (sessions, allocators, page faults of the weights), reading ours' peak RSS
+    # before transformers is even loaded; then the timed runs, ours and transformers'
+    # interleaved run by run, so a change of load on a shared machine hits both sides alike
+    runners = {}
+    for b in batches:
+        prompts = random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid)
+        runners[b] = {"ours": ours_runner(m, prompts, new_tokens)}
+        runners[b]["ours"]()
+        result["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    if compare == "hf":
+        model, versions = load_hf(str(hf_ckpt), n)
+        result["hf"] = {"checkpoint": str(hf_ckpt), **versions, "batches": {}}
+        log(f"transformers {versions['transformers']} (torch {versions['torch']}, {versions['torch_threads']} "
+            f"threads, attention {versions['attention']}) on {hf_ckpt}")
+        for b in batches:
+            prompts = random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid)
+            runners[b]["hf"] = hf_runner(model, prompts, new_tokens)
+            runners[b]["hf"]()
+            result["hf"]["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    for b in batches:
+        runs = {side: [] for side in runners[b]}
+        for _ in range(repeats):
+            for side, run in runners[b].items():
+                runs[side].append(run())
+        o = result["batches"][str(b)]
+        o.update(summarize_ours(runs["ours"]))
+        o["tokens_per_s"] = b * 1e3 / o["decode_ms_per_token"]
+        log(f"  ours  batch {b}: prefill {o['prefill_ms']:.1f} ms, decode {o['decode_ms_per_token']:.2f} ms/token, "
+            f"{o['tokens_per_s']:.1f} tokens/s, peak RSS {o['peak_rss_mb']:.0f} MiB")
+        if "hf" in runs:
+            h = result["hf"]["batches"][str(b)]
+            h.update(summarize_hf(runs["hf"], new_tokens))
+            h["tokens_per_s"] = b * 1e3 / h["decode_ms_per_token"]
+            o["ratio_vs_hf"] = {
+                "prefill_ms": o["prefill_ms"] / h["prefill_ms"],
+                "decode_ms_per_token": o["decode_ms_per_token"] / h["decode_ms_per_token"],
+                "tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
+            }
+            log(f"  hf    batch {b}: prefill {h['prefill_ms']:.1f} ms, decode {h['decode_ms_per_token']:.2f} "
+                f"ms/token, {h['tokens_per_s']:.1f} tokens/s")
+    result["load_avg_end"] = os.getloadavg()[0]
+    # flat views for CI: batch size -> number
+    result["prefill_ms"] = {k: v["prefill_ms"] for k, v in result["batches"].items()}
+    result["decode_ms_per_token"] = {k: v["decode_ms_per_token"] for k, v in result["batches"].items()}
+    result["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in result["batches"].items()}
+    if "hf" in result:
+        result["hf"]["prefill_ms"] = {k: v["prefill_ms"] for k, v in result["hf"]["batches"].items()}
+        result["hf"]["decode_ms_per_token"] = {k: v["decode_ms_per_token"] for k, v in result["hf"]["batches"].items()}
+        result["hf"]["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in result["hf"]["batches"].items()}
+        result["ratio_vs_hf"] = {k: v["ratio_vs_hf"] for k, v in result["batches"].items()}
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"kvtrace bench  {r['artifact']}",
+        f"  {r['architecture']} {r['dtype']} {r['layout']} cache, backend {r['backend']}; prompt {r['prompt_len']} "
+        f"tokens, {r['new_tokens']} new tokens, median of {r['repeats']} runs after a warm-up",
+        f"  threads: {r['cores']} cores; onnxruntime intra-op {r['threads']['how']}"
+        + (f"; torch {r['hf']['torch_threads']}" if "hf" in r else ""),
+        f"  load average {r['load_avg_start']:.2f} at start, {r['load_avg_end']:.2f} at end"
+        + ("  (other work on the machine: numbers are noisy)" if max(r['load_avg_start'], r['load_avg_end']) > 0.5
+           else ""),
+        "",
+    ]
+    has_hf = "hf" in r
+    head = f"  {'batch':>5}  {'side':<12} {'prefill ms':>10}  {'decode ms/tok':>13}  {'tokens/s':>9}  {'peak RSS MiB':>12}"
+    lines.append(head)
+    for b, o in r["batches"].items():
+        lines.append(f"  {b:>5}  {'kvtrace':<12} {o['prefill_ms']:>10.1f}  {o['decode_ms_per_token']:>13.2f}  "
+                     f"{o['tokens_per_s']:>9.1f}  {o['peak_rss_mb']:>12.0f}")
+        if has_hf:
+            h = r["hf"]["batches"][b]
+            q = o["ratio_vs_hf"]
+            lines.append(f"  {b:>5}  {'transformers':<12} {h['prefill_ms']:>10.1f}  {h['decode_ms_per_token']:>13.2f}  "
+                         f"{h['tokens_per_s']:>9.1f}  {h['peak_rss_mb']:>12.0f}")
+            lines.append(f"  {b:>5}  {'ours/hf':<12} {q['prefill_ms']:>10.2f}  {q['decode_ms_per_token']:>13.2f}  "
+                         f"{q['tokens_per_s']:>9.2f}")
+    if has_hf:
+        lines.append("")
+        lines.append("  (transformers' peak RSS includes ours: one process, ru_maxrss is a high-water mark)")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: None)
+    r = bench(args.artifact, backend=args.backend, batches=args.batch, prompt_len=args.prompt_len,
+              new_tokens=args.new_tokens, repeats=args.repeats, compare=args.compare, checkpoint=args.checkpoint,
+              seed=getattr(args, "seed", 0), log=log)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(format_table(r))
+    return 0

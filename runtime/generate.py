@@ -1,0 +1,171 @@
+"""Generation: prefill, then one decode step per new token, for a batch of prompts. No torch.
+
+Rows that finish (stop token, stop string) keep stepping with the pad token so the batch and
+its bound buffers keep their shape; their outputs are ignored. The loop ends when every row has
+finished or max_new_tokens is reached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import KvtraceError
+from .sampling import SamplingParams, next_tokens
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated ids, prompt excluded
+    text: str | None = None  # decoded generated text (None without a tokenizer), cut before a stop string
+    finish_reason: str = "length"  # "length" | "stop_token" | "stop_string"
+
+    def to_json(self) -> dict:
+        d = {"token_ids": list(self.token_ids), "finish_reason": self.finish_reason}
+        if self.text is not None:
+            d["text"] = self.text
+        return d
+
+
+class _TextTracker:
+    """Decoded text of one row and how much of it was already streamed.
+
+    Text that could still turn into a stop string, or ends in an incomplete UTF-8 sequence
+    (decoded as U+FFFD), is held back from the stream until it is settled.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.tok = tokenizer
+        self.stops = [s for s in stop_strings if s]
+        self.emitted = 0
+        self.text = ""
+
+    def update(self, ids: list[int]) -> tuple[str | None, int]:
+        """Decode; return (stop string found or None, index where the kept text ends)."""
+        self.text = self.tok.decode(ids)
+        best = None
+        for s in self.stops:
+            i = self.text.find(s)
+            if i >= 0 and (best is None or i < best[1]):
+                best = (s, i)
+        if best is not None:
+            return best[0], best[1]
+        return None, len(self.text)
+
+    def delta(self, end: int, final: bool) -> str:
+        """Text in [emitted, safe end) not yet streamed."""
+        safe = end
+        if not final:
+            t = self.text[:end]
+            hold = 0
+            for s in self.stops:  # longest suffix of t that is a proper prefix of a stop string
+                for k in range(min(len(s) - 1, len(t)), hold, -1):
+                    if t.endswith(s[:k]):
+                        hold = k
+                        break
+            safe = end - hold
+            while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # maybe an incomplete character
+                safe -= 1
+        if safe <= self.emitted:
+            return ""
+        out = self.text[self.emitted:safe]
+        self.emitted = safe
+        return out
+
+
+def _stop_ids(model, stop_token_ids) -> set[int]:
+    if stop_token_ids is None:
+        eos = model.eos_token_id
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    return {int(t) for t in stop_token_ids}
+
+
+def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, seed: int | None = None,
+             stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+             on_token: Callable[[int, int, str], None] | None = None) -> list[GenerationResult]:
+    """Generate for a batch of prompts (list[str] through the tokenizer, or list[list[int]]).
+
+    stop_token_ids: None -> the manifest's eos; [] -> never stop on a token.
+    on_token(row, token_id, text_delta): called for every token a live row produces, in step
+    order; text_delta is the newly settled text ("" while it is held back; always "" without
+    a tokenizer).
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise KvtraceError("prompts must be a list (of strings or of token id lists)")
+    prompts = list(prompts)
+    if not prompts:
+        raise KvtraceError("no prompts given")
+    if all(isinstance(p, str) for p in prompts):
+        ids = [model.encode(p) for p in prompts]
+    elif any(isinstance(p, str) for p in prompts):
+        raise KvtraceError("prompts mix text and token ids")
+    else:
+        ids = [[int(t) for t in p] for p in prompts]
+    if max_new_tokens < 0:
+        raise KvtraceError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    params = SamplingParams.make(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty)
+    if stop_strings and model.tokenizer is None:
+        raise KvtraceError("stop strings need a tokenizer; this artifact has none (use stop token ids)")
+    model.check_prompts(ids)  # batch size, empty prompts, token ids, prompt length
+    longest = max(len(p) for p in ids)
+    if longest + max_new_tokens > model.max_seq:
+        raise KvtraceError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the "
+                           f"cache ({model.max_seq} positions); shorten the prompt, lower --max-new-tokens "
+                           "or export with a larger --max-seq")
+    rng = np.random.default_rng(seed)
+    stops = _stop_ids(model, stop_token_ids)
+    B = len(ids)
+    results = [GenerationResult(prompt_ids=list(p)) for p in ids]
+    trackers = [_TextTracker(model.tokenizer, stop_strings) if model.tokenizer is not None else None
+                for _ in range(B)]
+    use_penalty = params.repetition_penalty not in (None, 1.0)
+    seen = [list(p) for p in ids] if use_penalty else None
+    if max_new_tokens == 0:
+        for r, tr in zip(results, trackers):
+            r.text = "" if tr is not None else None
+        return results
+
+    logits = model.start(ids)  # (B, T_max, V)
+    last = logits[np.arange(B), np.array([len(p) - 1 for p in ids])]  # (B, V) each row's last real position
+    live = np.ones(B, dtype=bool)
+    ends = [0] * B  # per row, where the kept text ends
+    pad = model.pad_token_id
+    for step in range(max_new_tokens):
+        nxt = next_tokens(last, params, rng, seen)  # (B,)
+        for b in np.flatnonzero(live):
+            t = int(nxt[b])
+            r = results[b]
+            r.token_ids.append(t)
+            if seen is not None:
+                seen[b].append(t)
+            tr = trackers[b]
+            delta = ""
+            if t in stops:
+                r.finish_reason = "stop_token"
+                live[b] = False
+                if tr is not None:  # the stop token's own text is not part of the result
+                    _, ends[b] = tr.update(r.token_ids[:-1])
+            elif tr is not None:
+                hit, ends[b] = tr.update(r.token_ids)
+                if hit is not None:
+                    r.finish_reason = "stop_string"
+                    live[b] = False
+            if tr is not None:
+                delta = tr.delta(ends[b], final=not live[b] or step == max_new_tokens - 1)
+            if on_token is not None:
+                on_token(int(b), t, delta)
+        if not live.any() or step == max_new_tokens - 1:
+            break
+        feed = np.where(live, nxt, pad)  # finished rows step on padding; their outputs are ignored
+        last = model.step(feed)
+    for b, (r, tr) in enumerate(zip(results, trackers)):
+        if tr is not None:
+            r.text = tr.text[: ends[b]]
+    return results

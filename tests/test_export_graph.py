@@ -1,0 +1,231 @@
+"""The exported graph's structure: the fused operators TensorRT and onnxruntime recognise,
+weights stored once and in the export dtype, the portable opset-17 form, fp16 softmax
+precision (GPT-NeoX/XGLM overflow fp16 attention scores otherwise)."""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import configs  # noqa: E402
+from exporter import onnx_graph, validate  # noqa: E402
+from exporter.export import export_model  # noqa: E402
+from models.transformer import random_model  # noqa: E402
+from runtime import io_spec  # noqa: E402
+
+ARCHS = list(configs.BUILTIN)
+MAX_SEQ = 48
+
+
+def _weights(model):
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+_MODELS = {}
+
+
+def _builtin(arch):
+    if arch not in _MODELS:
+        _MODELS[arch] = random_model(configs.BUILTIN[arch], configs.BUILTIN_SEED)
+    return _MODELS[arch]
+
+
+def _graph(arch, dtype="float32", layout="static", opset=24):
+    m = _builtin(arch)
+    return onnx_graph.build_graph(m.cfg, _weights(m), dtype=dtype, layout=layout, max_seq=MAX_SEQ, opset=opset)
+
+
+@pytest.mark.parametrize("layout", ["static", "dynamic"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_operators(arch, layout):
+    cfg = configs.BUILTIN[arch]
+    g = _graph(arch, "float16", layout)
+    ops = Counter(n.op_type for n in g.graph.node)
+    L = cfg.n_layers
+    assert ops["Attention"] == L
+    assert ops["Softmax"] == 0
+    assert ops["RotaryEmbedding"] == (2 * L if cfg.positions == "rope" else 0)
+    assert ops["TensorScatter"] == (2 * L if layout == "static" else 0)
+    assert ops["Expand"] == ops["Tile"] == 0  # GQA stays GQA: no repetition of K/V heads
+    graph_inputs = {i.name for i in g.graph.input}
+    graph_outputs = {o.name for o in g.graph.output}
+    for n in g.graph.node:
+        if n.op_type == "Attention":
+            # the form TensorRT accepts: 4 inputs (Q, K, V, bool mask), one output, no softcap
+            assert len(n.input) == 4 and len(n.output) == 1
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert "softcap" not in attrs and "is_causal" not in attrs
+            assert math.isclose(attrs["scale"], 1 / math.sqrt(cfg.head_dim), rel_tol=1e-6)
+            assert attrs.get("softmax_precision") == onnx.TensorProto.FLOAT  # fp16: softmax in fp32
+            assert n.input[1] in graph_outputs and n.input[2] in graph_outputs  # K/V = the whole cache
+        if n.op_type == "TensorScatter":
+            # TensorRT: input 0 must be the cache graph input, the output a graph output
+            assert n.input[0] in graph_inputs and n.output[0] in graph_outputs
+        if n.op_type == "RotaryEmbedding":
+            assert n.input[3] == io_spec.POSITION_IDS
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["rotary_embedding_dim"] == cfg.rotary_dim
+    assert g.ir_version == 10  # loads in onnxruntime 1.31 and TensorRT; onnx 1.23's newest does not
+    onnx.checker.check_model(g)
+    onnx.shape_inference.infer_shapes(g, strict_mode=True)
+    # the I/O contract, names and dtypes
+    spec = io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                         vocab_size=cfg.vocab_size, dtype="float16", layout=layout, max_seq=MAX_SEQ, max_batch=1)
+    assert [i.name for i in g.graph.input] == [t["name"] for t in spec["inputs"]]
+    assert [o.name for o in g.graph.output] == [t["name"] for t in spec["outputs"]]
+    assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits fp32
+
+
+def test_fp32_attention_has_no_softmax_precision():
+    g = _graph("llama", "float32")
+    for n in g.graph.node:
+        if n.op_type == "Attention":
+            assert "softmax_precision" not in {a.name for a in n.attribute}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weights_stored_in_export_dtype(arch, dtype):
+    g = _graph(arch, dtype)
+    want = onnx_graph.ONNX_DTYPE[dtype]
+    big = [t for t in g.graph.initializer if math.prod(t.dims) >= configs.BUILTIN[arch].hidden_size]
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    wrong = [t.name for t in big if t.data_type in float_types and t.data_type != want]
+    assert not wrong, f"weights not stored as {dtype}: {wrong}"
+    names = {t.name for t in g.graph.initializer}
+    assert "embed.weight" in names and "layers.0.attn.qkv.weight" in names
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_file_size_is_parameter_bytes(arch, tmp_path):
+    """Weights are written once: the file is within 1% of the parameter bytes plus the rotary
+    tables (derived buffers, not parameters); a duplicated tied head would add V*D*2 bytes.
+    Width 256 so that the graph's own few kB (nodes, names) are small against the weights."""
+    cfg = configs.BUILTIN[arch].replace(hidden_size=256, head_dim=64, intermediate_size=512)
+    m = random_model(cfg, 3)
+    out = export_model(m, tmp_path / "a", dtype="float16", layout="static", max_seq=MAX_SEQ, validate=False,
+                       log=lambda s: None)
+    size = (out / io_spec.ONNX_NAME).stat().st_size
+    tables = 2 * MAX_SEQ * (cfg.rotary_dim // 2) * 2 if cfg.positions == "rope" else 0
+    expect = cfg.n_params() * 2 + tables
+    print(f"{arch}: file {size} bytes, parameters {cfg.n_params() * 2} + tables {tables}")
+    assert abs(size - expect) <= 0.01 * cfg.n_params() * 2
+    if cfg.tie_word_embeddings:
+        head_sized = [t for t in onnx.load(out / io_spec.ONNX_NAME).graph.initializer
+                      if tuple(t.dims) in ((cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size, cfg.vocab_size))]
+        assert len(head_sized) == 1
+
+
+def test_streamed_file_equals_protobuf_serialization(tmp_path):
+    """The hand-written protobuf stream parses to the same model as onnx's own serialization."""
+    m = _builtin("starcoder2")
+    out = export_model(m, tmp_path / "a", dtype="float32", layout="static", max_seq=MAX_SEQ, validate=False,
+                       log=lambda s: None)
+    loaded = onnx.load(out / io_spec.ONNX_NAME)
+    onnx.checker.check_model(str(out / io_spec.ONNX_NAME), full_check=True)
+    ref = _graph("starcoder2", "float32")
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in loaded.graph.initializer} == \
+        {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in ref.graph.initializer}
+    del loaded.graph.initializer[:]
+    del ref.graph.initializer[:]
+    assert loaded.SerializeToString() == ref.SerializeToString()  # everything but the weights
+
+
+def test_external_data(tmp_path):
+    m = _builtin("gpt_neox")
+    out = export_model(m, tmp_path / "a", dtype="float32", layout="static", max_seq=MAX_SEQ, external_data=True,
+                       log=lambda s: None)
+    assert (out / "model.onnx.data").stat().st_size >= m.cfg.n_params() * 4
+    assert (out / "model.onnx").stat().st_size < 100_000
+    onnx.checker.check_model(str(out / "model.onnx"))
+    from runtime.manifest import load_manifest
+
+    assert load_manifest(out)["external_data"] == "model.onnx.data"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_portable_opset17_matches(arch):
+    m = _builtin(arch)
+    g = _graph(arch, "float32", "dynamic", opset=17)
+    ops = Counter(n.op_type for n in g.graph.node)
+    assert ops["Attention"] == ops["RotaryEmbedding"] == ops["TensorScatter"] == 0
+    assert ops["Softmax"] == m.cfg.n_layers
+    assert g.opset_import[0].version == 17 and g.ir_version == 8
+    sess = validate.session_from_bytes(g.SerializeToString())
+    res = validate.compare(sess, m, layout="dynamic", dtype="float32", max_seq=MAX_SEQ,
+                           prompts=validate.sample_prompts(m.cfg, lengths=[12, 7]), steps=16, pad_id=1)
+    print(f"{arch} opset 17: {res.summary()}")
+    assert res.max_abs <= 1e-4
+
+
+def test_portable_opset17_fp16_runs():
+    m = _builtin("gpt_neox")
+    g = _graph("gpt_neox", "float16", "dynamic", opset=17)
+    res = validate.compare(validate.session_from_bytes(g.SerializeToString()), m, layout="dynamic",
+                           dtype="float16", max_seq=MAX_SEQ, prompts=validate.sample_prompts(m.cfg), steps=4, pad_id=1)
+    assert res.finite and res.top1 >= 0.99 and res.max_abs <= 0.25, res.summary()
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "xglm"])
+def test_fp16_attention_scores_beyond_fp16_range_stay_finite(arch):
+    """Scale the Q/K projections so that raw attention scores reach ~1e5 (> fp16's 65504):
+    the fp16 graph must still give finite logits that agree with the fp32 reference."""
+    m = random_model(configs.BUILTIN[arch], 7)
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.q.weight.mul_(600)
+            layer.attn.k.weight.mul_(600)
+        x = m.layers[0].norm1(m.embed(torch.arange(8)[None]))
+        q = m.layers[0].attn.q(x).view(8, 4, 16)
+        k = m.layers[0].attn.k(x).view(8, 4, 16)
+        assert torch.einsum("thd,shd->hts", q, k).abs().max() > 65504  # the test provokes the overflow
+    g = onnx_graph.build_graph(m.cfg, _weights(m), dtype="float16", layout="static", max_seq=MAX_SEQ)
+    res = validate.compare(validate.session_from_bytes(g.SerializeToString()), m, layout="static",
+                           dtype="float16", max_seq=MAX_SEQ, prompts=validate.sample_prompts(m.cfg), steps=4)
+    print(f"{arch} fp16 with huge scores: {res.summary()}")
+    assert res.finite
+    assert res.top1 >= 0.99
+
+
+@pytest.mark.parametrize("rope", [
+    ("linear", {"factor": 2.0}),
+    ("dynamic", {"factor": 2.0}),  # NTK only changes the base past max_position, which no export reaches
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16}),  # also scales cos/sin (attention factor)
+])
+def test_rope_scaling_types_match(rope):
+    rope_type, params = rope
+    cfg = configs.BUILTIN["llama"].replace(rope_type=rope_type, rope_params=params, max_position=MAX_SEQ)
+    m = random_model(cfg, 5)
+    g = onnx_graph.build_graph(cfg, _weights(m), dtype="float32", layout="static", max_seq=MAX_SEQ)
+    res = validate.compare(validate.session_from_bytes(g.SerializeToString()), m, layout="static",
+                           dtype="float32", max_seq=MAX_SEQ, prompts=validate.sample_prompts(cfg, lengths=[20, 13]),
+                           steps=16)
+    print(f"rope {rope_type}: {res.summary()}")
+    assert res.max_abs <= 1e-4
+
+
+def test_bf16_graph_checks():
+    g = _graph("llama", "bfloat16", "static")
+    onnx.checker.check_model(g)
+    onnx.shape_inference.infer_shapes(g, strict_mode=True)
+    emb = next(t for t in g.graph.initializer if t.name == "embed.weight")
+    ref = _builtin("llama").embed.weight.detach().to(torch.bfloat16).view(torch.int16).numpy()
+    assert np.frombuffer(emb.raw_data, dtype=np.int16).reshape(ref.shape).tolist() == ref.tolist()  # RNE like torch
+
+
+def test_builtin_bf16_export_validates(tmp_path):
+    m = _builtin("gpt_neox")
+    out = export_model(m, tmp_path / "a", dtype="bfloat16", layout="static", max_seq=MAX_SEQ, log=lambda s: None)
+    from runtime.manifest import load_manifest
+
+    v = load_manifest(out)["validation"]
+    assert "twin" in v["method"] and v["max_abs"] <= configs.TOLERANCES["bfloat16"]["max_abs"]
