@@ -44,6 +44,7 @@ def perturb_one_row(src, dst, factor: float = 1.1) -> str:
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / "model.onnx"))
     mats = [t for t in model.graph.initializer if len(t.dims) == 2 and "layers." in t.name]
+    assert mats, "no per-layer weight matrix among the initializers of model.onnx"
     downs = [t for t in mats if t.name.endswith("mlp.down.weight")]
     target = (downs or mats)[-1]
     w = numpy_helper.to_array(target).copy()
@@ -133,12 +134,26 @@ def test_steps_beyond_the_cache_are_an_error(builtin_art, capsys):
     assert rc == 2 and "--steps" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variant", ["neox_parallel_r025", "llama_gqa_linear_tied"])
-def test_against_hf_and_torch_on_a_transformers_checkpoint(variant, exported, tmp_path, capsys):
+def test_fp16_artifact_judged_by_the_fp16_row(tmp_path, capsys):
+    art = tmp_path / "neox-fp16"
+    export(["--arch", "gpt_neox", "--fp16", "--max-seq", "32", "--max-batch", "2", "--out", str(art), "--no-validate"])
+    report = tmp_path / "r.json"
+    assert cli.main(["parity", str(art), "--steps", "4", "--json", str(report)]) == 0, capsys.readouterr().out
+    r = json.loads(report.read_text())
+    from configs import TOLERANCES
+
+    assert r["dtype"] == "float16" and r["tolerance"] == TOLERANCES["float16"]
+    assert 0 < r["summary"]["max_abs"] <= TOLERANCES["float16"]["max_abs"]  # fp16 differs, but within its row
+
+
+@pytest.mark.parametrize("variant, layout", [("neox_parallel_r025", "static"), ("llama_gqa_linear_tied", "static"),
+                                             ("xglm_scaled", "dynamic")])
+def test_against_hf_and_torch_on_a_transformers_checkpoint(variant, layout, exported, tmp_path, capsys):
     pytest.importorskip("transformers")
     import tiny_hf
 
-    art = exported(variant)  # tests/conftest.py: the tiny checkpoint through the real loader and exporter
+    # tests/conftest.py: the tiny checkpoint through the real loader and exporter
+    art = exported(variant, layout=layout)
     for against in ("hf", "torch"):
         report = tmp_path / f"{against}.json"
         rc = cli.main(["parity", str(art), "--against", against, "--steps", STEPS, "--batch", "2",
