@@ -47,9 +47,11 @@ DEFAULT_OPSET = 24
 # fp16 rounds every activation to 11 significant bits: on the trained stories260K the torch fp16
 # model itself is 0.15 from fp32 and our fp16 graph 0.23, so 0.25 would leave no margin for a
 # larger real model; a broken graph misses by whole logits and fails top-1 as well.
-# bf16 keeps 8 bits, 8x coarser.
+# bf16 keeps 8 bits, 8x coarser. fp32: onnxruntime vs torch differ by summation order only
+# (3.8e-6 on the Pythia-160M shape); 1e-4 catches a 1% error in a single weight row. Larger models
+# accumulate more rounding: `kvtrace parity --max-abs` overrides per run.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"max_abs": 1e-3, "top1": 0.99},
+    "float32": {"max_abs": 1e-4, "top1": 0.99},
     "float16": {"max_abs": 0.5, "top1": 0.99},
     "bfloat16": {"max_abs": 2.0, "top1": 0.95},
 }

@@ -59,6 +59,8 @@ def _add_parity(sub):
     p.add_argument("--prompt-len", type=int, help="longest prompt; the others are shorter (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
+    p.add_argument("--max-abs", type=float, help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
+    p.add_argument("--min-top1", type=float, help="override the dtype's minimum top-1 agreement")
     p.set_defaults(func=lambda a: __import__("exporter.parity", fromlist=["main"]).main(a))
 
 

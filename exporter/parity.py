@@ -376,20 +376,15 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
 
 # --------------------------------------------------------------------------- CLI
 def read_manifest(artifact: str | os.PathLike) -> dict:
-    """The raw manifest dict (kvtrace.json). Validation is the runtime's, through Model.load."""
-    from runtime.io_spec import MANIFEST_NAME
+    """The raw manifest dict, checked by the runtime's loader (format version, files present)."""
+    from runtime.manifest import load_manifest
 
-    p = Path(artifact) / MANIFEST_NAME
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise KvtraceError(f"{p}: no manifest (is {artifact} an artifact directory written by kvtrace export?)") from e
-    except json.JSONDecodeError as e:
-        raise KvtraceError(f"{p}: not valid JSON ({e})") from e
+    return load_manifest(artifact).data
 
 
 def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = None, steps: int = 16,
-           batch: int = 2, backend: str = "auto", prompt_len: int | None = None, seed: int = 0) -> dict:
+           batch: int = 2, backend: str = "auto", prompt_len: int | None = None, seed: int = 0,
+           tolerance: dict | None = None) -> dict:
     """Run the comparison and return the report dict (report["passed"] is the verdict)."""
     from configs import TOLERANCES
     from runtime.model import Model
@@ -423,7 +418,7 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         raise KvtraceError(f"kvtrace parity needs PyTorch for the reference model ({e}); pip install torch") from e
     ref = torch_reference(manifest, checkpoint) if against == "torch" else hf_reference(manifest, checkpoint)
     result = run_parity(m, ref, prompts, steps)
-    tol = dict(TOLERANCES[dtype])
+    tol = {**TOLERANCES[dtype], **{k: v for k, v in (tolerance or {}).items() if v is not None}}
     failures = verdict(result["summary"], tol)
     return {
         "report_version": REPORT_VERSION,
@@ -448,7 +443,8 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
 def main(args) -> int:
     report = parity(args.artifact, against=args.against, checkpoint=args.checkpoint, steps=args.steps,
                     batch=args.batch, backend=args.backend, prompt_len=getattr(args, "prompt_len", None),
-                    seed=getattr(args, "seed", 0))
+                    seed=getattr(args, "seed", 0),
+                    tolerance={"max_abs": getattr(args, "max_abs", None), "top1": getattr(args, "min_top1", None)})
     print(format_table(report))
     if getattr(args, "json_report", None):
         write_report(args.json_report, report)

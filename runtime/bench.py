@@ -148,15 +148,9 @@ def summarize_hf(runs, new_tokens: int) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def _read_manifest(artifact: str) -> dict:
-    from .io_spec import MANIFEST_NAME
+    from .manifest import load_manifest
 
-    p = Path(artifact) / MANIFEST_NAME
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise KvtraceError(f"{p}: no manifest (is {artifact} an artifact directory written by kvtrace export?)") from e
-    except json.JSONDecodeError as e:
-        raise KvtraceError(f"{p}: not valid JSON ({e})") from e
+    return load_manifest(artifact).data
 
 
 def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int = 128, new_tokens: int = 64,

@@ -123,6 +123,21 @@ def test_one_perturbed_weight_fails(builtin_art, tmp_path, capsys):
     assert all(st["max_abs"] > r["tolerance"]["max_abs"] for st in r["per_step"])
 
 
+def test_tolerance_override(builtin_art, tmp_path, capsys):
+    # a tolerance tighter than the real fp32 rounding fails the good artifact ...
+    rc = cli.main(["parity", str(builtin_art), "--steps", "2", "--batch", BATCH, "--max-abs", "1e-12"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "max |Δlogit| <= 1e-12" in out
+    # ... and a looser one lets the 10%-perturbed artifact through on max |Δ| (top-1 still judged)
+    bad = tmp_path / "bad"
+    perturb_one_row(builtin_art, bad)
+    report = tmp_path / "r.json"
+    cli.main(["parity", str(bad), "--steps", "2", "--batch", BATCH, "--max-abs", "100", "--min-top1", "0",
+              "--json", str(report)])
+    r = json.loads(report.read_text())
+    assert r["tolerance"] == {"max_abs": 100.0, "top1": 0.0} and r["passed"] is True
+
+
 def test_against_hf_refused_for_builtin(builtin_art, capsys):
     rc = cli.main(["parity", str(builtin_art), "--against", "hf", "--steps", "1"])
     err = capsys.readouterr().err
