@@ -22,7 +22,19 @@ Layout choices for onnxruntime's CPU kernels (they decide decode speed):
   * projections are MatMul against constant (in, out) weights, which MLAS prepacks once;
   * Q, K and V come from one fused MatMul (one pass over x, one GEMM) and a Split;
   * a tied head reuses the embedding initializer through a Transpose that onnxruntime
-    constant-folds at load time (written once in the file).
+    constant-folds at load time (written once in the file);
+  * static cache: Attention sees only the slots in use. The cache is (B, n_kv, S_max, hd)
+    with S_max = --max-seq, and onnxruntime's CPU Attention costs O(S) however much of it
+    the mask hides (nonpad_kv_seqlen does not help there either), so attending over the whole
+    cache made decode cost grow with --max-seq (Pythia-160M fp32, batch 8: 22.7 ms/token at
+    max_seq 256, 52.6 at 2048). L = min(max(position_ids) + 1, S_max) is computed once per
+    call; each layer's K/V are Slice(present, [0:L] on axis 2) and the shared bool mask is
+    (B, 1, T, L). Slots >= L are masked for every row anyway, so the result is the same.
+    The price is the Slice's copy of the used part (onnxruntime's Slice copies): ~1-2 ms per
+    step at batch 8 when L is close to S_max, against ~30 ms saved at max_seq 2048.
+    TensorScatter is untouched (input 0 = the cache graph input, output = the graph output
+    present.*, updated in place), which TensorRT's KV_CACHE_UPDATE requires; the Slice sits
+    between it and Attention, which TensorRT still fuses (ATTENTION_INPUT/OUTPUT).
 """
 from __future__ import annotations
 
@@ -212,8 +224,14 @@ def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "
     if cfg.positions == "sinusoidal":
         x = g.op("Add", [x, _sinusoidal(g, cfg, pos, dtype)], hint="embed_pos")
 
-    # ---- the mask (B, 1, T, S), computed once
-    mask = _static_mask(g, cfg, pos, max_seq) if layout == "static" else _dynamic_mask(g, cfg, pos)
+    # ---- the mask (B, 1, T, S), computed once and shared by all layers. Static cache: S is the
+    # number of slots in use this call, L (see _used_slots), not S_max.
+    used = None
+    if layout == "static":
+        used = _used_slots(g, pos, max_seq)
+        mask = _static_mask(g, cfg, pos, used[0])
+    else:
+        mask = _dynamic_mask(g, cfg, pos)
 
     # ---- rotary tables (max_seq, r/2) in the compute dtype, like the reference
     rope = None
@@ -227,7 +245,7 @@ def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         h = _norm(g, cfg, x, p + "norm1", w)
-        a = _attention(g, cfg, i, h, w, weights, rope, mask, layout, write_idx, fused)
+        a = _attention(g, cfg, i, h, w, weights, rope, mask, layout, write_idx, used, fused)
         if cfg.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             m = _mlp(g, cfg, _norm(g, cfg, x, p + "norm2", w), p + "mlp", w)
             x = g.op("Add", [g.op("Add", [x, a]), m], hint=f"l{i}_out")
@@ -372,16 +390,32 @@ def _rope_tables(g: _Builder, cfg: ModelConfig, max_seq: int, dtype: str):
     return c, s
 
 
-def _static_mask(g: _Builder, cfg: ModelConfig, pos: str, max_seq: int) -> str:
-    """(B, 1, T, S) bool: slot j visible from the query at position p iff j <= p (causal by
-    slot; slot j holds position j) and j > p - window. The own slot j == p passes both."""
-    slots = g.i64(np.arange(max_seq), hint="slots")  # (S,)
+def _used_slots(g: _Builder, pos: str, max_seq: int) -> tuple[str, str]:
+    """L = min(max(position_ids) + 1, S_max), the number of static-cache slots any query of
+    this call can see, as a scalar () and as a 1-D (1,) int64 (for Range and Slice).
+
+    Every row's slots >= L are masked anyway (causal by slot: slot j is visible from position
+    p only if j <= p <= max(position_ids)), so attending over the first L slots gives the same
+    result as over all S_max, while onnxruntime's CPU Attention costs O(S) whatever the mask
+    says: at --max-seq 2048 a decode step read the whole cache (B, n_kv, 2048, hd) per layer.
+    The min() only keeps shapes consistent for out-of-range positions (which the runtime
+    refuses before running)."""
+    top = g.op("ReduceMax", [pos], hint="max_pos", keepdims=0)  # () int64
+    n = g.op("Min", [g.op("Add", [top, g.i64(1)]), g.i64(max_seq)], hint="used")  # () L
+    return n, g.op("Unsqueeze", [n, g.i64([0])], hint="used_1d")  # (1,)
+
+
+def _static_mask(g: _Builder, cfg: ModelConfig, pos: str, used: str) -> str:
+    """(B, 1, T, L) bool over the first L = `used` slots (see _used_slots): slot j visible from
+    the query at position p iff j <= p (causal by slot; slot j holds position j) and
+    j > p - window. The own slot j == p passes both."""
+    slots = g.op("Range", [g.i64(0), used, g.i64(1)], hint="slots")  # (L,)
     p = g.op("Unsqueeze", [pos, g.i64([-1])], hint="q_pos")  # (B, T, 1)
-    allowed = g.op("LessOrEqual", [slots, p], hint="causal")  # (B, T, S)
+    allowed = g.op("LessOrEqual", [slots, p], hint="causal")  # (B, T, L)
     if cfg.sliding_window is not None:
         lo = g.op("Sub", [p, g.i64(cfg.sliding_window)])
         allowed = g.op("And", [allowed, g.op("Greater", [slots, lo])], hint="windowed")
-    return g.op("Unsqueeze", [allowed, g.i64([1])], hint="attn_mask")  # (B, 1, T, S)
+    return g.op("Unsqueeze", [allowed, g.i64([1])], hint="attn_mask")  # (B, 1, T, L)
 
 
 def _dynamic_mask(g: _Builder, cfg: ModelConfig, pos: str) -> str:
@@ -431,7 +465,7 @@ def _rotate(g: _Builder, cfg: ModelConfig, x: str, rope, hint: str) -> str:
 
 
 def _attention(g: _Builder, cfg: ModelConfig, i: int, x: str, w, weights, rope, mask: str, layout: str,
-               write_idx, fused: bool) -> str:
+               write_idx, used, fused: bool) -> str:
     p = f"layers.{i}.attn."
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     # one MatMul for Q, K and V: weight (D, q_dim + 2 kv_dim)
@@ -463,21 +497,27 @@ def _attention(g: _Builder, cfg: ModelConfig, i: int, x: str, w, weights, rope, 
 
     pk, pv = io_spec.past_key(i), io_spec.past_value(i)
     ok, ov = io_spec.present_key(i), io_spec.present_value(i)
-    if layout == "static":  # in place: present aliases past (B, n_kv, S, hd)
+    if layout == "static":  # in place: present aliases past (B, n_kv, S_max, hd)
+        # TensorRT's KV_CACHE_UPDATE: input 0 is the graph input itself, the output the graph output
         g.op("TensorScatter", [pk, k, write_idx], out=[ok], axis=-2)
         g.op("TensorScatter", [pv, v, write_idx], out=[ov], axis=-2)
+        # attend over the L slots in use only (see _used_slots): (B, n_kv, L, hd)
+        ax, zero = g.i64([2]), g.i64([0])
+        kk = g.op("Slice", [ok, zero, used[1], ax], hint=f"l{i}_k_used")
+        vv = g.op("Slice", [ov, zero, used[1], ax], hint=f"l{i}_v_used")
     else:  # (B, n_kv, P + T, hd)
         g.op("Concat", [pk, k], out=[ok], axis=2)
         g.op("Concat", [pv, v], out=[ov], axis=2)
+        kk, vv = ok, ov
 
     scale = 1.0 / math.sqrt(hd)
     if fused:
         attrs = dict(scale=scale)
         if g.dtype != "float32":
             attrs["softmax_precision"] = TensorProto.FLOAT  # fp16 scores overflow for GPT-NeoX/XGLM
-        y = g.op("Attention", [q, ok, ov, mask], hint=f"l{i}_attn", **attrs)  # (B, H, T, hd)
+        y = g.op("Attention", [q, kk, vv, mask], hint=f"l{i}_attn", **attrs)  # (B, H, T, hd)
     else:
-        y = _unfused_attention(g, cfg, q, ok, ov, mask, scale, i)
+        y = _unfused_attention(g, cfg, q, kk, vv, mask, scale, i)
     y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.i64([0, 0, cfg.q_dim])])  # (B, T, H*hd)
     return _linear(g, y, p + "o", w, cfg.out_bias)
 

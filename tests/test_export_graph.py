@@ -64,7 +64,9 @@ def test_fused_operators(arch, layout):
             assert "softcap" not in attrs and "is_causal" not in attrs
             assert math.isclose(attrs["scale"], 1 / math.sqrt(cfg.head_dim), rel_tol=1e-6)
             assert attrs.get("softmax_precision") == onnx.TensorProto.FLOAT  # fp16: softmax in fp32
-            assert n.input[1] in graph_outputs and n.input[2] in graph_outputs  # K/V = the whole cache
+            if layout == "dynamic":
+                assert n.input[1] in graph_outputs and n.input[2] in graph_outputs  # K/V = the whole cache
+            # static: K/V = Slice of the cache in use (test_static_attention_reads_used_slots)
         if n.op_type == "TensorScatter":
             # TensorRT: input 0 must be the cache graph input, the output a graph output
             assert n.input[0] in graph_inputs and n.output[0] in graph_outputs
@@ -81,6 +83,73 @@ def test_fused_operators(arch, layout):
     assert [i.name for i in g.graph.input] == [t["name"] for t in spec["inputs"]]
     assert [o.name for o in g.graph.output] == [t["name"] for t in spec["outputs"]]
     assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits fp32
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_attention_reads_used_slots(arch):
+    """Static cache: each Attention's K/V are Slice(present.*, [0:L] on axis 2) with
+    L = min(max(position_ids) + 1, S_max) (not the whole (B, n_kv, S_max, hd) cache, whose
+    cost onnxruntime pays in full however much is masked), the TensorScatter output stays the
+    graph output, and the mask has L columns; checked on the graph and at run time."""
+    cfg = configs.BUILTIN[arch]
+    g = _graph(arch, "float32", "static")
+    producer = {o: n for n in g.graph.node for o in n.output}
+    graph_inputs = {i.name for i in g.graph.input}
+    graph_outputs = {o.name for o in g.graph.output}
+    attn = [n for n in g.graph.node if n.op_type == "Attention"]
+    assert len(attn) == cfg.n_layers
+    ends = set()
+    for i, n in enumerate(attn):
+        for kv, (past, present) in zip(n.input[1:3], [(io_spec.past_key(i), io_spec.present_key(i)),
+                                                      (io_spec.past_value(i), io_spec.present_value(i))]):
+            sl = producer[kv]
+            assert sl.op_type == "Slice" and sl.input[0] == present
+            assert present in graph_outputs and kv not in graph_outputs
+            ts = producer[present]
+            assert ts.op_type == "TensorScatter" and ts.input[0] == past and past in graph_inputs
+            axes = onnx.numpy_helper.to_array(next(t for t in g.graph.initializer if t.name == sl.input[3]))
+            starts = onnx.numpy_helper.to_array(next(t for t in g.graph.initializer if t.name == sl.input[1]))
+            assert axes.tolist() == [2] and starts.tolist() == [0]
+            ends.add(sl.input[2])
+    assert len(ends) == 1  # L computed once per call, shared by every layer
+    # ... from the graph input position_ids (Unsqueeze <- Min <- Add <- ReduceMax(position_ids))
+    seen, todo = set(), list(ends)
+    while todo:
+        t = todo.pop()
+        if t in producer and t not in seen:
+            seen.add(t)
+            todo.extend(producer[t].input)
+    assert any(producer[t].op_type == "ReduceMax" and producer[t].input[0] == io_spec.POSITION_IDS for t in seen)
+
+    # at run time: K/V and mask have L = max(position_ids) + 1 slots, present keeps S_max
+    import onnxruntime as ort
+
+    extra = [attn[0].input[1], attn[0].input[3]]
+    g.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
+    sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
+    B, T = 2, 3
+    pos = np.array([[9, 10, 11], [4, 5, 6]], dtype=np.int64)  # ragged rows: L = 12
+    feeds = {io_spec.INPUT_IDS: np.ones((B, T), np.int64), io_spec.POSITION_IDS: pos}
+    for i in range(cfg.n_layers):
+        for name in (io_spec.past_key(i), io_spec.past_value(i)):
+            feeds[name] = np.zeros((B, cfg.n_kv_heads, MAX_SEQ, cfg.head_dim), np.float32)
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    assert outs[extra[0]].shape == (B, cfg.n_kv_heads, 12, cfg.head_dim)
+    assert outs[extra[1]].shape == (B, 1, T, 12)
+    assert outs[io_spec.present_key(0)].shape == (B, cfg.n_kv_heads, MAX_SEQ, cfg.head_dim)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_max_seq_512_matches_reference(arch):
+    """A static graph with S_max = 512 far above the tokens in use (and past the sliding window
+    of 64 for starcoder2): attending over the used slots only gives the reference's logits."""
+    m = _builtin(arch)
+    g = onnx_graph.build_graph(m.cfg, _weights(m), dtype="float32", layout="static", max_seq=512)
+    res = validate.compare(validate.session_from_bytes(g.SerializeToString()), m, layout="static",
+                           dtype="float32", max_seq=512, prompts=validate.sample_prompts(m.cfg, lengths=[70, 23]),
+                           steps=8)
+    print(f"{arch} static max_seq 512: {res.summary()}")
+    assert res.finite and res.max_abs <= 1e-4 and res.top1 == 1.0
 
 
 def test_fp32_attention_has_no_softmax_precision():
