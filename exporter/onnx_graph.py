@@ -254,13 +254,19 @@ def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "
             m = _mlp(g, cfg, _norm(g, cfg, x, p + "norm2", w), p + "mlp", w)
             x = g.op("Add", [x, m], hint=f"l{i}_out")
 
+    # ---- only the positions asked for reach the final norm and the lm_head: a generation prefill
+    # needs one row per sequence, and the lm_head over all T positions was a quarter of a
+    # 128-token prefill (and a (B, T, V) float32 output). GatherND with batch_dims=1 picks
+    # x[b, logits_index[b, k]]; onnxruntime and the TensorRT parser both take it.
+    sel = g.op("Unsqueeze", [io_spec.LOGITS_INDEX, g.i64([2])], hint="logits_index_nd")  # (B, K, 1)
+    x = g.op("GatherND", [x, sel], hint="x_selected", batch_dims=1)  # (B, K, D)
     x = _norm(g, cfg, x, "norm_f", w)
     if cfg.tie_word_embeddings:
         head = g.op("Transpose", [embed], hint="head_t", perm=[1, 0])  # (D, V), folded by the runtime
     else:
         head = w("lm_head.weight", transpose=True)  # (D, V)
     if dtype == "float32":
-        g.op("MatMul", [x, head], out=[io_spec.LOGITS])  # (B, T, V)
+        g.op("MatMul", [x, head], out=[io_spec.LOGITS])  # (B, K, V)
     else:
         g.op("Cast", [g.op("MatMul", [x, head], hint="logits_lp")], out=[io_spec.LOGITS], to=TensorProto.FLOAT)
 

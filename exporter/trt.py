@@ -41,7 +41,8 @@ def plan_profiles(io: dict, *, max_batch: int | None = None, max_seq: int | None
                   opt_batch: int | None = None, opt_seq: int | None = None) -> tuple[list[dict], dict]:
     """Optimization profiles [{"name", "inputs": {name: {"min", "opt", "max"}}}] from the I/O spec.
 
-    Symbolic dims: batch, seq (new tokens), past_seq / total_seq (dynamic cache); integers are fixed.
+    Symbolic dims: batch, seq (new tokens), past_seq / total_seq (dynamic cache), n_logits (positions
+    whose logits are returned); integers are fixed.
     Returns (profiles, limits) with limits = {"max_batch", "max_seq"}.
     """
     layout, cache_len = io["layout"], int(io["max_seq"])
@@ -67,7 +68,10 @@ def plan_profiles(io: dict, *, max_batch: int | None = None, max_seq: int | None
         # dynamic cache: P cached tokens before this call, P + T <= ms
         past = (0, min(os_, ms - 1), ms - 1) if kind == "decode" else (0, 0, ms - 1)
         total = (1, past[1] + seq[1], ms)
-        return {"batch": (1, ob, mb), "seq": seq, "past_seq": past, "total_seq": total}
+        # logits_index: a decode step asks for 1 row; a prefill for 1 (generation: each row's
+        # last token, the common case, hence opt 1) up to all T (scoring/parity)
+        n_logits = (1, 1, 1) if kind == "decode" else (1, 1, ms)
+        return {"batch": (1, ob, mb), "seq": seq, "past_seq": past, "total_seq": total, "n_logits": n_logits}
 
     profiles = []
     for kind in ("decode", "prefill"):

@@ -86,7 +86,7 @@ def session_from_bytes(data: bytes, threads: int | None = 1):
 
 @dataclass
 class Step:
-    feeds: dict  # input_ids, position_ids (+ attention_mask) as int64 numpy
+    feeds: dict  # input_ids, position_ids, logits_index (+ attention_mask) as int64 numpy
     want: np.ndarray  # reference logits (B, T, V) float32
     real: np.ndarray  # (B, T) bool: positions holding real tokens
 
@@ -119,7 +119,10 @@ def reference_trace(ref_model, *, layout: str, prompts, steps: int = 16, pad_id:
     torch.set_num_threads(1)
     try:
         for step in range(steps + 1):
-            feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: pos}
+            T = ids.shape[1]
+            # logits at every new position (the reference computes all of them)
+            sel = np.tile(np.arange(T, dtype=np.int64), (B, 1))  # (B, T)
+            feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: pos, io_spec.LOGITS_INDEX: sel}
             if layout == "dynamic":
                 feeds[io_spec.ATTENTION_MASK] = am
             with torch.no_grad():

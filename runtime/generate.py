@@ -132,8 +132,8 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
             r.text = "" if tr is not None else None
         return results
 
-    logits = model.start(ids)  # (B, T_max, V)
-    last = logits[np.arange(B), np.array([len(p) - 1 for p in ids])]  # (B, V) each row's last real position
+    # only each row's last real position: the graph skips the lm_head for the other prompt tokens
+    last = np.asarray(model.start(ids, logits="last"))[:, 0, :]  # (B, V)
     live = np.ones(B, dtype=bool)
     ends = [0] * B  # per row, where the kept text ends
     pad = model.pad_token_id

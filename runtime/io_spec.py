@@ -8,7 +8,13 @@ Graph I/O, both layouts (B = batch, T = new tokens this call):
   input_ids      int64 (B, T)
   position_ids   int64 (B, T)   position of each new token; in the static layout row b's
                                  tokens are written at slots position_ids[b, 0] + t
-  logits         float32 (B, T, V)  every position (prefill/scoring and decode alike)
+  logits_index   int64 (B, K)   per row, the indices in [0, T) of this call's new tokens whose
+                                 logits are computed (the final hidden states are gathered
+                                 before the lm_head): arange(T) for scoring/parity (every
+                                 position), len_b - 1 (K = 1) for a generation prefill, zeros
+                                 (B, 1) for a decode step. Artifacts exported before this input
+                                 existed lack it (manifest io "logits": "all_positions", K = T).
+  logits         float32 (B, K, V)  the selected positions only (manifest io "logits": "selected")
 static layout (fixed S = max_seq; caches are graph inputs and outputs that alias them):
   past_key_values.{i}.key / .value   dtype (B, n_kv, S, hd)
   present.{i}.key / .value           dtype (B, n_kv, S, hd)  -- TensorScatter output, bind to
@@ -29,6 +35,7 @@ ONNX_NAME = "model.onnx"
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
+LOGITS_INDEX = "logits_index"
 LOGITS = "logits"
 
 
@@ -46,6 +53,11 @@ def present_key(i: int) -> str:
 
 def present_value(i: int) -> str:
     return f"present.{i}.value"
+
+
+def has_logits_index(io: dict) -> bool:
+    """Whether an artifact's graph takes logits_index (exported after it was added)."""
+    return any(t["name"] == LOGITS_INDEX for t in io.get("inputs", []))
 
 
 def cache_pairs(n_layers: int):
@@ -68,8 +80,9 @@ def build(*, n_layers: int, n_kv_heads: int, head_dim: int, vocab_size: int, dty
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
     ids = {"dtype": "int64", "shape": ["batch", "seq"]}
-    inputs = [dict(name=INPUT_IDS, **ids), dict(name=POSITION_IDS, **ids)]
-    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "seq", vocab_size]}]
+    inputs = [dict(name=INPUT_IDS, **ids), dict(name=POSITION_IDS, **ids),
+              {"name": LOGITS_INDEX, "dtype": "int64", "shape": ["batch", "n_logits"]}]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "n_logits", vocab_size]}]
     if layout == "static":
         cshape_in = cshape_out = ["batch", n_kv_heads, max_seq, head_dim]
     else:
@@ -83,7 +96,8 @@ def build(*, n_layers: int, n_kv_heads: int, head_dim: int, vocab_size: int, dty
         "layout": layout,
         "max_seq": max_seq,
         "max_batch": max_batch,
-        "logits": "all_positions",
+        # "selected": logits only at logits_index (older artifacts: "all_positions", no logits_index)
+        "logits": "selected",
         "cache_aliases": {dst: src for src, dst in cache_pairs(n_layers)} if layout == "static" else {},
         "inputs": inputs,
         "outputs": outputs,

@@ -2,6 +2,7 @@
 
     m = Model.load(artifact_dir, backend="auto")
     logits = m.start(prompts)      # (B, T_max, V) float32, every position; row b valid up to len_b
+    first = m.start(prompts, logits="last")  # (B, 1, V): each row's last prompt token only (generation)
     last = m.step(tokens)          # (B, V): one token per row, at that row's own position
     m.lengths                      # tokens held per row
     m.generate(prompts, ...)       # runtime/generate.py
@@ -12,7 +13,9 @@ Cache layouts (runtime/io_spec.py):
            writes the new rows in place). Ragged prompts are right padded: row b's token t sits
            at slot/position t; a padding slot is overwritten by the row's next real token before
            any query can see it (attention is causal by slot). Per step only input_ids and
-           position_ids (B, 1) change; the logits buffer (B, 1, V) is bound once.
+           position_ids (B, 1) change; the logits buffer (B, 1, V) is bound once, and logits_index
+           (artifacts that have it) is the same zeros (B, 1) every step (the backend's staging
+           buffer for it is bound once and refreshed in place).
   dynamic: past (B, n_kv, P, hd) -> present (B, n_kv, P + T, hd): the presents of one run are
            bound as the pasts of the next; attention_mask (B, P + T) marks padding with 0 and
            grows by one column per step; row b's next position is its own token count.
@@ -65,6 +68,9 @@ class Model:
         self._lengths = np.zeros(0, dtype=np.int64)  # (B,) tokens held per row
         self._caches = []  # static: one buffer per cache tensor, bound in and out
         self._step_logits = None  # (B, 1, V) logits buffer for decode steps
+        # artifacts exported before logits_index existed return every position (K = T)
+        self.has_logits_index = io_spec.has_logits_index(io)
+        self._step_index = None  # (B, 1) int64 zeros: a decode step's one new token
         self._mask = None  # dynamic: (B, S) int64, columns [0, P) in use
         self._P = 0  # dynamic: cached slots (padded length)
         self.skipped_backends: list[str] = []
@@ -135,6 +141,7 @@ class Model:
                 be.bind_output(present, buf)  # same buffer: TensorScatter updates it in place
                 self._caches.append(buf)
         self._step_logits = be.alloc((B, 1, cfg.vocab_size), "float32")  # (B, 1, V)
+        self._step_index = np.zeros((B, 1), dtype=np.int64)  # (B, 1): logits of the one new token
         self._B = B
 
     @property
@@ -163,20 +170,33 @@ class Model:
             raise KvtraceError(f"prompt of {T} tokens is longer than the cache ({self.max_seq} positions)")
         return ids, lens
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def start(self, prompts: Sequence[Sequence[int]], logits: str = "all") -> np.ndarray:
         """Begin a new batch: prefill every prompt in one call (right padded).
 
-        Returns logits (B, T_max, V) float32 for every position; row b is valid up to len_b.
+        logits="all": returns (B, T_max, V) float32 for every position; row b is valid up to len_b
+        (scoring, parity). logits="last": returns (B, 1, V), each row's last prompt token
+        (len_b - 1) only, which is all generation needs: the graph then runs its final norm and
+        lm_head on one position per row instead of T_max.
         """
+        if logits not in ("all", "last"):
+            raise KvtraceError(f"start(logits={logits!r}): expected 'all' or 'last'")
         ids, lens = self.check_prompts(prompts)
         B, T = ids.shape
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()  # (B, T)
+        if logits == "all":
+            sel = pos  # (B, T): every position
+        else:
+            sel = (lens - 1).reshape(B, 1)  # (B, 1): each row's last real token
+        # an artifact without logits_index computes every position; "last" is then picked here
+        K = sel.shape[1] if self.has_logits_index else T
 
         be = self.backend
         self._bind_batch(B)
-        logits = be.alloc((B, T, self.config.vocab_size), "float32")  # (B, T, V), handed to the caller
-        be.bind_output(io_spec.LOGITS, logits)
+        out_buf = be.alloc((B, K, self.config.vocab_size), "float32")  # (B, K, V), handed to the caller
+        be.bind_output(io_spec.LOGITS, out_buf)
         feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: pos}
+        if self.has_logits_index:
+            feeds[io_spec.LOGITS_INDEX] = np.ascontiguousarray(sel)
         if self.layout == "dynamic":
             cfg = self.config
             empty = (B, cfg.n_kv_heads, 0, cfg.head_dim)  # (B, n_kv, P=0, hd)
@@ -192,8 +212,10 @@ class Model:
         if self.layout == "dynamic":
             self._swap_presents()
         self._lengths = lens
-        out = be.to_host(logits)
+        out = be.to_host(out_buf)
         be.bind_output(io_spec.LOGITS, self._step_logits)
+        if logits == "last" and not self.has_logits_index:
+            out = out[np.arange(B), lens - 1][:, None, :]  # (B, 1, V)
         return out
 
     def _swap_presents(self) -> None:
@@ -219,6 +241,8 @@ class Model:
             raise KvtraceError(f"sequence of {int(pos.max()) + 1} tokens is longer than the cache "
                                f"({self.max_seq} positions)")
         feeds = {io_spec.INPUT_IDS: tok.reshape(B, 1), io_spec.POSITION_IDS: pos.reshape(B, 1)}
+        if self.has_logits_index:
+            feeds[io_spec.LOGITS_INDEX] = self._step_index  # (B, 1) zeros: the one new token
         if self.layout == "dynamic":
             if self._P >= self._mask.shape[1]:
                 raise KvtraceError(f"padded sequence of {self._P + 1} slots is longer than the cache "

@@ -5,6 +5,9 @@ The graph is the I/O contract with trivial arithmetic:
     float(input_id) (static: TensorScatter at position_ids[:, 0]; dynamic: Concat), so a test
     can read back exactly which slot each token went to;
   - logits = one_hot((input_id + 1) % V): greedy generation counts upwards from the last token.
+It follows the contract of artifacts exported before `logits_index` existed (logits at every
+new position, no logits_index input, manifest io "logits": "all_positions"), so the runtime's
+path for those older artifacts stays tested; exported graphs cover logits_index.
 """
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ def build_toy(out_dir: Path, *, layout: str = "static", vocab: int = 320, max_se
     n_kv, hd = 1, 2
     spec = io_spec.build(n_layers=n_layers, n_kv_heads=n_kv, head_dim=hd, vocab_size=vocab, dtype="float32",
                          layout=layout, max_seq=max_seq, max_batch=max_batch)
+    # the older contract: no logits_index input, logits (B, T, V) at every position
+    spec["inputs"] = [t for t in spec["inputs"] if t["name"] != io_spec.LOGITS_INDEX]
+    spec["outputs"][0] = {"name": io_spec.LOGITS, "dtype": "float32", "shape": ["batch", "seq", vocab]}
+    spec["logits"] = "all_positions"
     def vi(t):
         et = {"int64": TP.INT64, "float32": TP.FLOAT}[t["dtype"]]
         return h.make_tensor_value_info(t["name"], et, t["shape"])

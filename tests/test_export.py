@@ -47,7 +47,7 @@ def test_export_matches_reference(variant, dtype, layout, tmp_path):
                                "sha256": loaded.digest, "seed": None}, log=lambda m: None)
     man = load_manifest(out)
     assert man.dtype == dtype and man.layout == layout and man.max_seq == MAX_SEQ
-    assert man.io["logits"] == "all_positions"
+    assert man.io["logits"] == "selected"
     assert man["source"]["sha256"] == loaded.digest
     assert man["validation"]["max_abs"] <= (1e-4 if dtype == "float32" else 0.25)
     sess = validate.session(man.onnx_path, threads=1)
@@ -94,6 +94,7 @@ def test_export_matches_transformers(variant, tmp_path):
         want = hf(torch.from_numpy(ids)).logits.float().numpy()
     sess = validate.session(out / io_spec.ONNX_NAME, threads=1)
     feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: np.arange(20, dtype=np.int64)[None],
+             io_spec.LOGITS_INDEX: np.arange(20, dtype=np.int64)[None],  # every position
              io_spec.ATTENTION_MASK: np.ones((1, 20), dtype=np.int64)}
     for src, _ in io_spec.cache_pairs(cfg.n_layers):
         feeds[src] = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), dtype=np.float32)

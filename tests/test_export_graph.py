@@ -129,7 +129,8 @@ def test_static_attention_reads_used_slots(arch):
     sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
     B, T = 2, 3
     pos = np.array([[9, 10, 11], [4, 5, 6]], dtype=np.int64)  # ragged rows: L = 12
-    feeds = {io_spec.INPUT_IDS: np.ones((B, T), np.int64), io_spec.POSITION_IDS: pos}
+    feeds = {io_spec.INPUT_IDS: np.ones((B, T), np.int64), io_spec.POSITION_IDS: pos,
+             io_spec.LOGITS_INDEX: np.zeros((B, 1), np.int64)}
     for i in range(cfg.n_layers):
         for name in (io_spec.past_key(i), io_spec.past_value(i)):
             feeds[name] = np.zeros((B, cfg.n_kv_heads, MAX_SEQ, cfg.head_dim), np.float32)
@@ -298,3 +299,42 @@ def test_builtin_bf16_export_validates(tmp_path):
 
     v = load_manifest(out)["validation"]
     assert "twin" in v["method"] and v["max_abs"] <= configs.TOLERANCES["bfloat16"]["max_abs"]
+
+
+@pytest.mark.parametrize("form", [("float32", "static", 24), ("float16", "static", 24),
+                                  ("float32", "dynamic", 24), ("float32", "dynamic", 17)])
+def test_logits_index_selects_rows(form):
+    """logits_index (B, K) returns exactly the requested positions of each row: the same numbers
+    as the all-positions call at those indices, in the order asked (repeats allowed)."""
+    dtype, layout, opset = form
+    arch = "gpt_neox"
+    cfg = configs.BUILTIN[arch]
+    sess = validate.session_from_bytes(_graph(arch, dtype, layout, opset).SerializeToString())
+    B, T = 2, 7
+    rng = np.random.default_rng(3)
+    ids = rng.integers(2, cfg.vocab_size, size=(B, T), dtype=np.int64)
+    pos = np.tile(np.arange(T, dtype=np.int64), (B, 1))
+    npdt = np.float16 if dtype == "float16" else np.float32
+    S = MAX_SEQ if layout == "static" else 0
+
+    def run(sel):
+        feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: pos, io_spec.LOGITS_INDEX: sel}
+        if layout == "dynamic":
+            feeds[io_spec.ATTENTION_MASK] = np.ones((B, T), np.int64)
+        for src, _ in io_spec.cache_pairs(cfg.n_layers):
+            feeds[src] = np.zeros((B, cfg.n_kv_heads, S, cfg.head_dim), npdt)
+        return sess.run([io_spec.LOGITS], feeds)[0]
+
+    full = run(pos)  # (B, T, V)
+    assert full.shape == (B, T, cfg.vocab_size) and full.dtype == np.float32
+    sel = np.array([[6, 0, 3], [2, 2, 5]], dtype=np.int64)  # (B, K=3): per row, any order
+    got = run(sel)
+    assert got.shape == (B, 3, cfg.vocab_size)
+    want = full[np.arange(B)[:, None], sel]  # (B, 3, V)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if dtype == "float32" else 2e-2)
+    last = run(np.array([[6], [4]], dtype=np.int64))  # (B, 1): a generation prefill
+    np.testing.assert_allclose(last[:, 0], full[[0, 1], [6, 4]], rtol=0, atol=1e-5 if dtype == "float32" else 2e-2)
+    # one GatherND (before the final norm and the lm_head), fed by logits_index
+    g = _graph(arch, dtype, layout, opset)
+    gather = [n for n in g.graph.node if n.op_type == "GatherND"]
+    assert len(gather) == 1 and io_spec.LOGITS_INDEX in {i for n in g.graph.node for i in n.input}

@@ -69,6 +69,24 @@ def test_greedy_matches_transformers(variant, layout, exported, hf_greedy):
                         f"{float(top2.values[0] - top2.values[1]):.3g}")
 
 
+@pytest.mark.parametrize("layout", ["static", "dynamic"])
+def test_start_last_equals_last_valid_row_of_all(layout, exported):
+    """start(logits="last") returns (B, 1, V): each row's last prompt token, equal to that row of
+    start(logits="all") on a ragged batch; the decode steps after it are the same as after "all"."""
+    v = "neox_parallel_r025"
+    m = Model.load(exported(v, layout), backend="onnxruntime")
+    assert m.has_logits_index and m.io["logits"] == "selected"
+    full = m.start(PROMPTS)  # (B, T_max, V)
+    step_full = m.step([7, 8])  # (B, V)
+    last = m.start(PROMPTS, logits="last")
+    assert full.shape == (2, 9, m.vocab_size) and last.shape == (2, 1, m.vocab_size)
+    lens = np.array([len(p) for p in PROMPTS])
+    np.testing.assert_allclose(last[:, 0], full[np.arange(2), lens - 1], rtol=0, atol=1e-5)
+    assert not np.allclose(last[1, 0], full[1, -1])  # row 1's padding position differs: the index matters
+    np.testing.assert_allclose(m.step([7, 8]), step_full, rtol=0, atol=1e-5)
+    assert m.lengths == [10, 5]
+
+
 def test_stories260k_greedy_200(exported, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     ck = checkpoint_dir("stories260K", tmp_path_factory)  # skips when the fixture is absent

@@ -75,6 +75,19 @@ def test_static_cache_in_place(toy_dirs, capfd):
     assert m.lengths == [1, 1, 1] and cache_contents(m)[0][:, 0].tolist() == [3, 4, 5]
 
 
+@pytest.mark.parametrize("layout", io_spec.LAYOUTS)
+def test_start_last_without_logits_index(toy_dirs, layout):
+    """The toy graph predates logits_index (every position out): the runtime feeds only what the
+    manifest's io lists, and start(logits="last") picks each row's last token on the host."""
+    m = Model.load(toy_dirs[layout], backend="onnxruntime")
+    assert not m.has_logits_index
+    last = m.start([[5, 6, 7], [9]], logits="last")
+    assert last.shape == (2, 1, 320) and last[:, 0].argmax(-1).tolist() == [8, 10]
+    assert m.step([50, 60]).argmax(-1).tolist() == [51, 61]
+    with pytest.raises(KvtraceError, match="logits="):
+        m.start([[5]], logits="first")
+
+
 def test_dynamic_cache_grows(toy_dirs):
     m = Model.load(toy_dirs["dynamic"], backend="onnxruntime")
     m.start([[5, 6, 7], [9]])

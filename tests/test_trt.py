@@ -122,6 +122,9 @@ def test_build_records_profiles_and_limits(built):
     dec, pre = sec["profiles"]
     assert dec["inputs"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 1]}
     assert pre["inputs"]["input_ids"] == {"min": [1, 1], "opt": [1, 8], "max": [2, 32]}
+    # logits_index: one row per sequence when decoding; 1 (generation, the opt) to all tokens in a prefill
+    assert dec["inputs"]["logits_index"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 1]}
+    assert pre["inputs"]["logits_index"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 32]}
     # a static cache keeps its exported length MAX_SEQ in every profile
     assert pre["inputs"]["past_key_values.0.key"]["max"][2] == MAX_SEQ
     assert sec["stripped_attributes"] == {"softmax_precision": 2}  # fp16 neox asks fp32 softmax (ORT)
