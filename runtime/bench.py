@@ -93,46 +93,6 @@ def ours_runner(m, prompts: list[list[int]], new_tokens: int):
     return run
 
 
-# --------------------------------------------------------------------------- transformers
-def load_hf(checkpoint: str, threads: int):
-    try:
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise KvtraceError(f"--compare hf needs torch and transformers installed ({e})") from e
-    torch.set_num_threads(threads)
-    try:
-        # transformers' default attention implementation (sdpa): what a user of generate gets
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise KvtraceError(f"--compare hf: transformers cannot load checkpoint {checkpoint}: {e}") from e
-    return model.eval(), {"transformers": transformers.__version__, "torch": torch.__version__,
-                          "attention": getattr(model.config, "_attn_implementation", None),
-                          "torch_threads": torch.get_num_threads()}
-
-
-def hf_runner(model, prompts: list[list[int]], new_tokens: int):
-    """One run: generate 1 token, then generate new_tokens -> (t(1) ms, t(N) ms)."""
-    import torch
-
-    ids = torch.tensor(prompts, dtype=torch.long)  # (B, L): same length, no padding
-    mask = torch.ones_like(ids)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-
-    def gen(n: int) -> float:
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, use_cache=True, pad_token_id=pad)
-            dt = time.perf_counter() - t0
-        if out.shape[1] != ids.shape[1] + n:
-            raise KvtraceError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens, asked for {n}")
-        return dt * 1e3
-
-    return lambda: (gen(1), gen(new_tokens))
-
-
 def summarize_ours(runs) -> dict:
     pre, dec = [r[0] for r in runs], [r[1] for r in runs]
     return {"prefill_ms": _median(pre), "decode_ms_per_token": _median(dec),
@@ -209,6 +169,8 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
         runners[b]["ours"]()
         result["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if compare == "hf":
+        from exporter.hf_baseline import hf_runner, load_hf  # the torch side lives outside runtime/
+
         model, versions = load_hf(str(hf_ckpt), n)
         result["hf"] = {"checkpoint": str(hf_ckpt), **versions, "batches": {}}
         log(f"transformers {versions['transformers']} (torch {versions['torch']}, {versions['torch_threads']} "

@@ -9,6 +9,7 @@ Two kinds, one interface (`encode(text) -> list[int]`, `decode(ids) -> str`):
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
@@ -18,23 +19,25 @@ BYTE_OFFSET = 2  # id of byte 0 in the built-in tokenizer
 BUILTIN_SPECIALS = {0: "<|endoftext|>", 1: "<|padding|>"}
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Common interface. `special_ids` are skipped by `decode(..., skip_special=True)`."""
 
     kind = "abstract"
     special_ids: frozenset = frozenset()
 
+    @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """add_special_tokens: apply the tokenizer's own template (e.g. Llama's BOS), as
         transformers' tokenizer(text) does; off by default (the raw text's tokens)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        raise NotImplementedError
+        """Token ids -> text (special tokens dropped unless skip_special=False)."""
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids the tokenizer can produce."""
 
     # ------------------------------------------------------------ constructors
     @staticmethod
