@@ -121,64 +121,60 @@ def _head_dim(d: dict, hidden: int, heads: int, hidden_key: str, heads_key: str)
 
 
 # --------------------------------------------------------------------------- per architecture configs
+def _rope_decoder_fields(d: dict, a: str, kv_heads: bool) -> dict:
+    """The fields GPT-NeoX, Llama and StarCoder2 name alike in config.json (shapes, token ids)."""
+    D, H = _get(d, "hidden_size", a, kind=int), _get(d, "num_attention_heads", a, kind=int)
+    return dict(
+        vocab_size=_get(d, "vocab_size", a, kind=int), hidden_size=D,
+        n_layers=_get(d, "num_hidden_layers", a, kind=int), n_heads=H,
+        n_kv_heads=_get(d, "num_key_value_heads", a, H, int) if kv_heads else H,
+        head_dim=_head_dim(d, D, H, "hidden_size", "num_attention_heads"),
+        intermediate_size=_get(d, "intermediate_size", a, kind=int),
+        max_position=_get(d, "max_position_embeddings", a, kind=int),
+        bos_token_id=_token_id(d, "bos_token_id"), eos_token_id=_token_id(d, "eos_token_id"),
+        pad_token_id=_token_id(d, "pad_token_id"))
+
+
 def _gpt_neox(d: dict) -> ModelConfig:
     a = "GPTNeoXForCausalLM"
-    D, H = _get(d, "hidden_size", a, kind=int), _get(d, "num_attention_heads", a, kind=int)
-    hd = _head_dim(d, D, H, "hidden_size", "num_attention_heads")
-    max_pos = _get(d, "max_position_embeddings", a, kind=int)
+    f = _rope_decoder_fields(d, a, kv_heads=False)
     attn_bias = _get(d, "attention_bias", a, True, bool)  # absent in Pythia's config: biases present
     return ModelConfig(
-        arch="gpt_neox", vocab_size=_get(d, "vocab_size", a, kind=int), hidden_size=D,
-        n_layers=_get(d, "num_hidden_layers", a, kind=int), n_heads=H, n_kv_heads=H, head_dim=hd,
-        intermediate_size=_get(d, "intermediate_size", a, kind=int), max_position=max_pos,
+        arch="gpt_neox", **f,
         norm="layernorm", norm_eps=float(_get(d, "layer_norm_eps", a, 1e-5, float)),
         mlp="plain", activation=_activation(d, "hidden_act", "gelu"),
         qkv_bias=attn_bias, out_bias=attn_bias, mlp_bias=True, positions="rope",
-        **_rope(d, hd, max_pos, theta_key="rotary_emb_base", pct_key="rotary_pct", default_pct=0.25),
+        **_rope(d, f["head_dim"], f["max_position"], theta_key="rotary_emb_base", pct_key="rotary_pct",
+                default_pct=0.25),
         parallel_residual=_get(d, "use_parallel_residual", a, True, bool),
-        tie_word_embeddings=_get(d, "tie_word_embeddings", a, False, bool),
-        bos_token_id=_token_id(d, "bos_token_id"), eos_token_id=_token_id(d, "eos_token_id"),
-        pad_token_id=_token_id(d, "pad_token_id"))
+        tie_word_embeddings=_get(d, "tie_word_embeddings", a, False, bool))
 
 
 def _llama(d: dict) -> ModelConfig:
     a = "LlamaForCausalLM"
-    D, H = _get(d, "hidden_size", a, kind=int), _get(d, "num_attention_heads", a, kind=int)
-    hd = _head_dim(d, D, H, "hidden_size", "num_attention_heads")
-    max_pos = _get(d, "max_position_embeddings", a, kind=int)
+    f = _rope_decoder_fields(d, a, kv_heads=True)
     attn_bias = _get(d, "attention_bias", a, False, bool)  # q, k, v and o
     return ModelConfig(
-        arch="llama", vocab_size=_get(d, "vocab_size", a, kind=int), hidden_size=D,
-        n_layers=_get(d, "num_hidden_layers", a, kind=int), n_heads=H,
-        n_kv_heads=_get(d, "num_key_value_heads", a, H, int), head_dim=hd,
-        intermediate_size=_get(d, "intermediate_size", a, kind=int), max_position=max_pos,
+        arch="llama", **f,
         norm="rmsnorm", norm_eps=float(_get(d, "rms_norm_eps", a, 1e-6, float)),
         mlp="gated", activation=_activation(d, "hidden_act", "silu"),
         qkv_bias=attn_bias, out_bias=attn_bias, mlp_bias=_get(d, "mlp_bias", a, False, bool),
-        positions="rope", **_rope(d, hd, max_pos),
-        tie_word_embeddings=_get(d, "tie_word_embeddings", a, False, bool),
-        bos_token_id=_token_id(d, "bos_token_id"), eos_token_id=_token_id(d, "eos_token_id"),
-        pad_token_id=_token_id(d, "pad_token_id"))
+        positions="rope", **_rope(d, f["head_dim"], f["max_position"]),
+        tie_word_embeddings=_get(d, "tie_word_embeddings", a, False, bool))
 
 
 def _starcoder2(d: dict) -> ModelConfig:
     a = "Starcoder2ForCausalLM"
-    D, H = _get(d, "hidden_size", a, kind=int), _get(d, "num_attention_heads", a, kind=int)
-    hd = _head_dim(d, D, H, "hidden_size", "num_attention_heads")
-    max_pos = _get(d, "max_position_embeddings", a, kind=int)
+    f = _rope_decoder_fields(d, a, kv_heads=True)
     bias = _get(d, "use_bias", a, True, bool)  # every projection; the LayerNorms always have one
     return ModelConfig(
-        arch="starcoder2", vocab_size=_get(d, "vocab_size", a, kind=int), hidden_size=D,
-        n_layers=_get(d, "num_hidden_layers", a, kind=int), n_heads=H,
-        n_kv_heads=_get(d, "num_key_value_heads", a, H, int), head_dim=hd,
-        intermediate_size=_get(d, "intermediate_size", a, kind=int), max_position=max_pos,
+        arch="starcoder2", **f,
         norm="layernorm", norm_eps=float(_get(d, "norm_epsilon", a, 1e-5, float)),
         mlp="plain", activation=_activation(d, "hidden_act", "gelu_pytorch_tanh"),
-        qkv_bias=bias, out_bias=bias, mlp_bias=bias, positions="rope", **_rope(d, hd, max_pos),
+        qkv_bias=bias, out_bias=bias, mlp_bias=bias, positions="rope",
+        **_rope(d, f["head_dim"], f["max_position"]),
         sliding_window=_get(d, "sliding_window", a, None, int),
-        tie_word_embeddings=_get(d, "tie_word_embeddings", a, True, bool),
-        bos_token_id=_token_id(d, "bos_token_id"), eos_token_id=_token_id(d, "eos_token_id"),
-        pad_token_id=_token_id(d, "pad_token_id"))
+        tie_word_embeddings=_get(d, "tie_word_embeddings", a, True, bool))
 
 
 def _xglm(d: dict) -> ModelConfig:
