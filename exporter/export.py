@@ -419,23 +419,13 @@ class _Bf16Rounded(Mapping):
         return len(self._inner)
 
 
-def _torch_f32():
-    import torch
-
-    return torch.float32
-
-
-def _fp32_copy(model):
-    import copy
-
-    return copy.deepcopy(model).float().eval()
-
-
 # --------------------------------------------------------------------------------- CLI
 def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
 def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     layout = args.cache

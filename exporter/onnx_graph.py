@@ -195,7 +195,7 @@ def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "
     _check_weights(cfg, weights)
     fused = opset >= FUSED_MIN_OPSET
     g = _Builder(dtype, opset)
-    D, H, KV, hd = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    KV, hd = cfg.n_kv_heads, cfg.head_dim
 
     shapes = cfg.param_shapes()
 
