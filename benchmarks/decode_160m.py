@@ -30,7 +30,7 @@ GOAL = 0.65  # ours / transformers, decode ms per token at batch 1
 
 def _cli(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "exporter.cli", *args]
+    cmd = [sys.executable, "-m", "kvtrace.cli", *args]
     print("$ kvtrace " + " ".join(args), file=sys.stderr, flush=True)
     p = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE if capture else None)
     if p.returncode != 0:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     out = work / f"bench-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.write_text(json.dumps(r, indent=1) + "\n")
 
-    from runtime.bench import format_table
+    from kvtrace.runtime.bench import format_table
 
     print(format_table(r))
     ratio = r["ratio_vs_hf"]["1"]["decode_ms_per_token"]

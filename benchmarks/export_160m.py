@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     report = {"checkpoint": str(ckpt), "checkpoint_mb": round(ckpt_bytes / 1e6, 1),
               "load_average": os.getloadavg(), "kvtrace": [], "optimum": []}
     art = work / "art"
-    kv_cmd = [sys.executable, "-m", "exporter.cli", "export", "--checkpoint", str(ckpt), "--force", "--out", str(art)]
+    kv_cmd = [sys.executable, "-m", "kvtrace.cli", "export", "--checkpoint", str(ckpt), "--force", "--out", str(art)]
     opt_out = work / "optimum-out"
     opt_cmd = [args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", str(ckpt),
                "--task", "text-generation-with-past", str(opt_out)] if args.optimum_python else None

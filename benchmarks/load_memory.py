@@ -26,7 +26,7 @@ import torch
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 path, dtype, which = sys.argv[1], sys.argv[2], sys.argv[3]
 if which == "ours":
-    from models.checkpoint import load_checkpoint
+    from kvtrace.models.checkpoint import load_checkpoint
     t0 = time.perf_counter()
     loaded = load_checkpoint(path, dtype=dtype)
     model, seconds = loaded.model, time.perf_counter() - t0

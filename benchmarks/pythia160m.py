@@ -41,7 +41,7 @@ _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 def _tensor_specs():
     """(HF name, shape) of every tensor, from the loader's own weight table (so they always agree)."""
-    from models.hf import adapter_for, hf_shape, weight_table
+    from kvtrace.models.hf import adapter_for, hf_shape, weight_table
 
     adapter = adapter_for(CONFIG)
     cfg = adapter.make_config(CONFIG)

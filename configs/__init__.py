@@ -4,7 +4,7 @@ Pure data (no torch): the runtime reads the tolerance table too.
 """
 from __future__ import annotations
 
-from models.config import ModelConfig
+from kvtrace.config import ModelConfig
 
 # Small built-in models (random weights from BUILTIN_SEED) for smoke runs and the README's
 # main command. Vocabulary 320 = the 256 byte tokens + specials of the built-in byte-level

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-import configs
-from exporter import onnx_graph
-from runtime import io_spec
-from runtime.errors import KvtraceError
-from runtime.manifest import write_manifest
+from kvtrace import configs
+from kvtrace.exporter import onnx_graph
+from kvtrace import io_spec
+from kvtrace.config import ARCHITECTURES
+from kvtrace.errors import KvtraceError
+from kvtrace.manifest import write_manifest
 
 TWO_GB = 2 * 1024**3
 DATA_NAME = io_spec.ONNX_NAME + ".data"
@@ -238,7 +239,7 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
                                    max_seq=max_seq, log=log, release_weights=release_weights)
         elif release_weights:
             _release(model)
-        from runtime import __version__
+        from kvtrace import __version__
 
         manifest = {
             "kvtrace_version": __version__,
@@ -323,7 +324,7 @@ def _validate(graph, sk, path: Path, model, *, dtype, layout, max_seq, log, rele
     """checker + shape inference on the skeleton, then onnxruntime on the written file
     against the reference trace (computed first, so the weights can be freed before
     onnxruntime loads its own copy)."""
-    from exporter import validate as v
+    from kvtrace.exporter import validate as v
 
     vlog = lambda m: log("validate: " + m)  # noqa: E731
     t0 = time.perf_counter()
@@ -426,13 +427,33 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+def add_arguments(p) -> None:
+    """The command's options (kvtrace/cli.py builds the parser)."""
+    p.add_argument("--arch", choices=ARCHITECTURES,
+                   help="architecture; read from config.json when --checkpoint is given")
+    p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fp16", action="store_true", help="store weights and compute in float16")
+    g.add_argument("--bf16", action="store_true", help="store weights and compute in bfloat16")
+    p.add_argument("--cache", choices=io_spec.LAYOUTS, default="static", help="KV cache layout")
+    p.add_argument("--max-seq", type=int, help="static cache length / longest sequence (default min(2048, model max))")
+    p.add_argument("--max-batch", type=int, help="largest batch the artifact is profiled for (default 8)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset: 24 (fused, default) or 17 (portable)")
+    p.add_argument("--out", help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
+    p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check against the reference")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+
+
 def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     layout = args.cache
     t0 = time.perf_counter()
     if args.checkpoint:
         try:
-            from models.checkpoint import load_checkpoint
+            from kvtrace.models.checkpoint import load_checkpoint
         except ImportError as e:
             raise KvtraceError(f"--checkpoint: checkpoint loading is not available ({e})") from e
         ckpt = Path(args.checkpoint)
@@ -451,7 +472,7 @@ def main(args) -> int:
         if not args.arch:
             raise KvtraceError("--arch is required without --checkpoint (built-in models: "
                                f"{', '.join(configs.BUILTIN)})")
-        from models.transformer import random_model
+        from kvtrace.models.transformer import random_model
 
         cfg = configs.BUILTIN[args.arch]
         _log(f"building the built-in {args.arch} model (random weights, seed {configs.BUILTIN_SEED}) ...")

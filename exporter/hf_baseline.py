@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from runtime.errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 
 def load_hf(checkpoint: str, threads: int):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import KvtraceError, ParityFailure
+from kvtrace.errors import KvtraceError, ParityFailure
 
 REPORT_VERSION = 1
 
@@ -89,7 +89,7 @@ class TorchReference:
 
     def start(self, prompts):
         import torch
-        from models.transformer import DynamicCache
+        from kvtrace.models.transformer import DynamicCache
 
         self._rows, out = [], []
         with torch.no_grad():
@@ -166,9 +166,9 @@ def torch_reference(manifest: dict, checkpoint: str | None) -> TorchReference:
 
     src = _source(manifest)
     if checkpoint is None and src.get("kind") == "builtin":
-        from configs import BUILTIN, BUILTIN_SEED
-        from models.config import ModelConfig
-        from models.transformer import random_model
+        from kvtrace.configs import BUILTIN, BUILTIN_SEED
+        from kvtrace.config import ModelConfig
+        from kvtrace.models.transformer import random_model
 
         arch = manifest.get("architecture")
         if arch not in BUILTIN:
@@ -181,7 +181,7 @@ def torch_reference(manifest: dict, checkpoint: str | None) -> TorchReference:
         model = random_model(cfg, seed, dtype=torch.float32)
         return TorchReference(model, {"kind": "builtin", "architecture": arch, "seed": seed, "dtype": "float32"})
     path = _checkpoint_path(manifest, checkpoint)
-    from models.checkpoint import load_checkpoint
+    from kvtrace.models.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path, dtype=torch.float32)
     desc = {"kind": "checkpoint", "path": str(path), "sha256": loaded.digest, "dtype": "float32"}
@@ -377,7 +377,7 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
 # --------------------------------------------------------------------------- CLI
 def read_manifest(artifact: str | os.PathLike) -> dict:
     """The raw manifest dict, checked by the runtime's loader (format version, files present)."""
-    from runtime.manifest import load_manifest
+    from kvtrace.manifest import load_manifest
 
     return load_manifest(artifact).data
 
@@ -386,8 +386,8 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
            batch: int = 2, backend: str = "auto", prompt_len: int | None = None, seed: int = 0,
            tolerance: dict | None = None) -> dict:
     """Run the comparison and return the report dict (report["passed"] is the verdict)."""
-    from configs import TOLERANCES
-    from runtime.model import Model
+    from kvtrace.configs import TOLERANCES
+    from kvtrace.runtime.model import Model
 
     if steps < 0:
         raise KvtraceError(f"--steps {steps}: must be >= 0")
@@ -438,6 +438,21 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         "passed": not failures,
         "failures": failures,
     }
+
+
+def add_arguments(p) -> None:
+    """The command's options (kvtrace/cli.py builds the parser)."""
+    p.add_argument("artifact")
+    p.add_argument("--against", choices=["torch", "hf"], default="torch")
+    p.add_argument("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--prompt-len", type=int, help="longest prompt; the others are shorter (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
+    p.add_argument("--max-abs", type=float, help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
+    p.add_argument("--min-top1", type=float, help="override the dtype's minimum top-1 agreement")
 
 
 def main(args) -> int:

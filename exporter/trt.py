@@ -27,9 +27,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from runtime.errors import KvtraceError
-from runtime.manifest import load_manifest, write_manifest
-from runtime.trt_backend import TrtLogger, gpu_compute_capability, import_tensorrt, normalize_cc
+from kvtrace.errors import KvtraceError
+from kvtrace.manifest import load_manifest, write_manifest
+from kvtrace.runtime.trt_backend import FLAVOURS, TrtLogger, gpu_compute_capability, import_tensorrt, normalize_cc
 
 ENGINE_NAME = "model.engine"
 # the largest prefill length the "opt" point of the prefill profile is tuned for by default
@@ -266,6 +266,26 @@ def _sha256_file(path: Path) -> str:
 
 
 # ------------------------------------------------------------------ CLI
+def add_arguments(p) -> None:
+    """The command's options (kvtrace/cli.py builds the parser)."""
+    p.add_argument("artifact")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--max-seq", type=int)
+    p.add_argument("--opt-batch", type=int)
+    p.add_argument("--opt-seq", type=int)
+    p.add_argument("--compute-capability", nargs="+", default=None,
+                   help="target GPU(s), e.g. sm89 (needed to build on a machine without a GPU)")
+    p.add_argument("--timing-cache", help="timing cache file to read and update")
+    p.add_argument("--workspace", type=float, help="builder workspace limit in GB")
+    p.add_argument("--optimization-level", type=int, choices=range(6), metavar="0-5",
+                   help="TensorRT builder optimization level (default: TensorRT's, 3); 0 builds fastest")
+    p.add_argument("--flavour", choices=FLAVOURS,
+                   help="TensorRT Python module to use (default: tensorrt if installed, else tensorrt_rtx)")
+    p.add_argument("--verbose", action="store_true", help="print TensorRT's warnings")
+    p.add_argument("--inspect", action="store_true", help="list the network's layer types and counts")
+    p.add_argument("--json", action="store_true")
+
+
 def main(args) -> int:
     opt_level = getattr(args, "optimization_level", None)
     res = build_engine(args.artifact, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
@@ -291,6 +311,3 @@ def main(args) -> int:
             print(f"  {name:<{width}}  {n}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(None))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import io_spec
-from runtime.errors import KvtraceError, ParityFailure
+from kvtrace import io_spec
+from kvtrace.errors import KvtraceError, ParityFailure
 
 NP_DTYPE = {"float32": np.float32, "float16": np.float16}
 # top-1 agreement is judged where the fp32 reference is decisive: a top-2 margin below this is a
@@ -97,7 +97,7 @@ def reference_trace(ref_model, *, layout: str, prompts, steps: int = 16, pad_id:
     logits, so the ONNX side can replay them after the reference's weights are released."""
     import torch
 
-    from models.transformer import DynamicCache, StaticCache
+    from kvtrace.models.transformer import DynamicCache, StaticCache
 
     cfg = ref_model.cfg
     B = len(prompts)

@@ -1,10 +1,8 @@
-"""Reference PyTorch models and checkpoint loading.
+"""kvtrace.models: the reference PyTorch model and checkpoint loading (needs the `export` extra).
 
-config.py       ModelConfig (pure Python; the runtime imports it)
 transformer.py  the one Transformer with explicit static / dynamic KV caches
 hf.py           Hugging Face config.json -> ModelConfig, tensor name tables (pure Python)
 checkpoint.py   load_checkpoint(): strict safetensors (or opt-in pickle) loading
 llama2c.py      llama2.c legacy .bin -> Hugging Face Llama checkpoint directory
-
-Nothing is imported here, so `import models.config` stays torch-free.
+ModelConfig itself is kvtrace.config (torch-free: the runtime reads it from manifests).
 """

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
-from .config import ConfigError, ModelConfig
+from kvtrace.config import ConfigError, ModelConfig
 from .hf import Adapter, adapter_for, hf_shape, is_ignored, split_tensor, weight_table
 from .transformer import Transformer
 

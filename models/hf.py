@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import ROPE_TYPES, ConfigError, ModelConfig
+from kvtrace.config import ROPE_TYPES, ConfigError, ModelConfig
 
 # HF activation names -> ModelConfig.activation. gelu_new / gelu_fast / gelu_pytorch_tanh are all
 # the tanh approximation (same formula, different implementations).

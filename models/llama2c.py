@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 HEADER = struct.Struct("<7i")
 _V1_MAGIC = 0x616B3432  # "ak42": the newer llama2.c export versions, which this reader does not handle
@@ -155,6 +155,13 @@ def convert(bin_path, out_dir, *, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def add_arguments(p) -> None:
+    """The command's options (kvtrace/cli.py builds the parser)."""
+    p.add_argument("bin", help="llama2.c checkpoint (legacy version 0 format)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true")
 
 
 def main(args) -> int:

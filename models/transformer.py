@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, rope_inv_freq, sinusoidal_table
+from kvtrace import numerics
+from kvtrace.config import ModelConfig
 
 
 # --------------------------------------------------------------------------- caches
@@ -45,7 +46,7 @@ class StaticCache:
 
     def key_positions(self, attention_mask):
         # slot j holds position j; every slot is "valid", causality does the rest
-        return torch.arange(self.max_seq, device=self.k[0].device)[None, :], None
+        return torch.arange(self.max_seq, device=self.k[0].device), None  # (S,)
 
 
 class DynamicCache:
@@ -72,20 +73,12 @@ class DynamicCache:
 
 
 def attention_mask_bool(cfg: ModelConfig, position_ids, key_pos, key_valid, q_slots, n_slots):
-    """(B, 1, T, S) bool: which cached slots each new query may attend.
-
-    causal by slot (a slot written later than the query is invisible), padding slots
-    excluded, sliding window by position; a query always sees its own slot, so padding
-    queries stay finite.
-    """
+    """(B, 1, T, S) bool: which cached slots each new query may attend (kvtrace.numerics.allowed:
+    causal by slot, padding excluded, sliding window by position, own slot always visible)."""
     k_slot = torch.arange(n_slots, device=position_ids.device)  # (S,)
-    allowed = k_slot[None, None, :] <= q_slots[:, :, None]  # (B, T, S)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :]
-    if cfg.sliding_window is not None:
-        allowed = allowed & (key_pos[:, None, :] > position_ids[:, :, None] - cfg.sliding_window)
-    allowed = allowed | (k_slot[None, None, :] == q_slots[:, :, None])
-    return allowed[:, None]  # (B, 1, T, S)
+    mask = numerics.allowed(q_slots, position_ids, k_slot, key_pos, key_valid, cfg.sliding_window)
+    B, T = position_ids.shape
+    return mask.expand(B, T, n_slots)[:, None]  # (B, 1, T, S)
 
 
 # --------------------------------------------------------------------------- layers
@@ -193,23 +186,29 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # position tables (kvtrace.numerics, shared with the graph builder), fp32 and outside the
+        # module's buffers: `.half()` / `.float()` must not round them (an fp32 copy of an fp16
+        # model still reads exact tables); cast to the compute dtype where they are used
+        self.pos_table = self.rope_cos = self.rope_sin = None
         if cfg.positions == "sinusoidal":
-            table = sinusoidal_table(cfg, cfg.max_position + cfg.sinusoidal_offset)
-            self.register_buffer("pos_table", torch.from_numpy(table), persistent=False)
+            self.pos_table = torch.from_numpy(numerics.sinusoidal_table(cfg, cfg.max_position + cfg.sinusoidal_offset))
+        else:
+            cos, sin = numerics.rope_tables(cfg, cfg.max_position)  # (max_position, r/2) each
+            self.rope_cos, self.rope_sin = torch.from_numpy(cos), torch.from_numpy(sin)
 
     @property
     def dtype(self):
         return self.embed.weight.dtype
 
     def rope(self, position_ids):
-        cfg = self.cfg
-        if cfg.positions != "rope":
+        """cos, sin (B, 1, T, r/2) in the model dtype: rows of the shared tables (as the graph's
+        RotaryEmbedding reads its cos/sin caches at position_ids)."""
+        if self.rope_cos is None:
             return None
-        seq_len = int(position_ids.max()) + 1 if cfg.rope_type == "dynamic" else None
-        inv, scale = rope_inv_freq(cfg, seq_len)
-        inv = torch.from_numpy(inv).to(position_ids.device)
-        freqs = position_ids[:, None, :, None].float() * inv  # (B, 1, T, r/2) fp32
-        return (freqs.cos() * scale).to(self.dtype), (freqs.sin() * scale).to(self.dtype)
+        pos = position_ids.cpu()
+        cos = self.rope_cos[pos][:, None].to(device=position_ids.device, dtype=self.dtype)
+        sin = self.rope_sin[pos][:, None].to(device=position_ids.device, dtype=self.dtype)
+        return cos, sin
 
     def check_inputs(self, input_ids, position_ids):
         if input_ids.shape != position_ids.shape or input_ids.dim() != 2:

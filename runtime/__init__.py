@@ -1,1 +1,2 @@
-__version__ = "0.1.0"
+"""kvtrace.runtime: loads an artifact directory and runs it (numpy, onnxruntime, tokenizers; no
+torch, nothing from kvtrace.models or kvtrace.exporter)."""

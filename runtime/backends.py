@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 # ONNX TensorProto element types (onnx is not a runtime dependency, so the numbers are here)
 _ONNX_TYPE = {"float32": 1, "int64": 7, "float16": 10, "bfloat16": 16, "bool": 9, "int32": 6}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 
 def peak_rss_mb() -> float:
@@ -109,7 +109,7 @@ def summarize_hf(runs, new_tokens: int) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def _read_manifest(artifact: str) -> dict:
-    from .manifest import load_manifest
+    from kvtrace.manifest import load_manifest
 
     return load_manifest(artifact).data
 
@@ -169,7 +169,7 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
         runners[b]["ours"]()
         result["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if compare == "hf":
-        from exporter.hf_baseline import hf_runner, load_hf  # the torch side lives outside runtime/
+        from kvtrace.exporter.hf_baseline import hf_runner, load_hf  # the torch side lives outside runtime/
 
         model, versions = load_hf(str(hf_ckpt), n)
         result["hf"] = {"checkpoint": str(hf_ckpt), **versions, "batches": {}}
@@ -245,6 +245,19 @@ def format_table(r: dict) -> str:
         lines.append("")
         lines.append("  (transformers' peak RSS includes ours: one process, ru_maxrss is a high-water mark)")
     return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    """The command's options (kvtrace/cli.py builds the parser)."""
+    p.add_argument("artifact")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' generate in the same run")
+    p.add_argument("--checkpoint", help="checkpoint for --compare hf (default: the manifest's source)")
+    p.add_argument("--json", action="store_true")
 
 
 def main(args) -> int:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 from .sampling import SamplingParams, next_tokens
 
 

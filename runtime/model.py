@@ -27,17 +27,17 @@ from typing import Sequence
 
 import numpy as np
 
-from models.config import ModelConfig
+from kvtrace.config import ModelConfig
 
-from . import io_spec
+from kvtrace import io_spec
 from .backends import Backend, _manifest_get, choose_backend, create_backend
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 from .tokenizer import Tokenizer
 
 
 def _load_manifest(artifact_dir: Path):
     """The manifest through runtime/manifest.py (the exporter's schema and checks)."""
-    from .manifest import load_manifest
+    from kvtrace.manifest import load_manifest
 
     return load_manifest(artifact_dir)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 
 @dataclass(frozen=True)

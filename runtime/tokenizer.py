@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 BYTE_OFFSET = 2  # id of byte 0 in the built-in tokenizer
 BUILTIN_SPECIALS = {0: "<|endoftext|>", 1: "<|padding|>"}

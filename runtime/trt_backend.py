@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import NUMPY_STORAGE, register_backend
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 # Module names, in the order they are tried: the full TensorRT first (it runs on every
 # NVIDIA GPU it supports), then TensorRT-RTX (builds for a named GPU without one).

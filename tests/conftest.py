@@ -30,8 +30,8 @@ def exported(tmp_path_factory):
             max_batch: int = 4) -> Path:
         key = (variant, layout, dtype, max_seq, max_batch)
         if key not in cache:
-            from exporter.export import export_model
-            from models.checkpoint import load_checkpoint
+            from kvtrace.exporter.export import export_model
+            from kvtrace.models.checkpoint import load_checkpoint
 
             ck = checkpoint_dir(variant, tmp_path_factory)
             loaded = load_checkpoint(ck)
@@ -55,7 +55,7 @@ def checkpoint_dir(variant: str, tmp_path_factory) -> Path:
             bin_path = FIXTURES / "stories260K.bin"
             if not bin_path.is_file():
                 pytest.skip(f"fixture {bin_path} absent")
-            from models.llama2c import convert
+            from kvtrace.models.llama2c import convert
 
             _CKPTS[variant] = convert(bin_path, tmp_path_factory.mktemp("ckpt") / "stories260K")
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import io_spec
+from kvtrace import io_spec
 
 
 def build_toy(out_dir: Path, *, layout: str = "static", vocab: int = 320, max_seq: int = 32,
@@ -74,7 +74,7 @@ def build_toy(out_dir: Path, *, layout: str = "static", vocab: int = 320, max_se
     onnx.checker.check_model(model)
     onnx.save(model, out_dir / io_spec.ONNX_NAME)
 
-    from configs import BUILTIN
+    from kvtrace.configs import BUILTIN
 
     cfg = BUILTIN["llama"].replace(vocab_size=vocab, n_layers=n_layers, n_heads=1, n_kv_heads=n_kv,
                                    head_dim=hd, rotary_dim=hd, hidden_size=8)

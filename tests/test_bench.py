@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from exporter import cli
+from kvtrace import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--prompt-len", "8", "--new-tokens", "4", "--repeats", "2"]
@@ -27,7 +27,7 @@ def builtin_art(tmp_path_factory):
 
 
 def run_cli(*args, block_torch: bool = False):
-    """`python -m exporter.cli ARGS` in a subprocess; block_torch makes `import torch` fail."""
+    """`python -m kvtrace.cli ARGS` in a subprocess; block_torch makes `import torch` fail."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     code = "import sys\n"
     if block_torch:
@@ -36,7 +36,7 @@ def run_cli(*args, block_torch: bool = False):
                  "        if name == 'torch' or name.startswith('torch.'):\n"
                  "            raise ImportError('torch is blocked in this test')\n"
                  "sys.meta_path.insert(0, _NoTorch())\n")
-    code += "from exporter.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    code += "from kvtrace.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
 

@@ -19,10 +19,10 @@ pytest.importorskip("transformers", reason="transformers builds the tiny referen
 
 import torch  # noqa: E402
 
-from exporter import validate  # noqa: E402
-from exporter.export import export_model  # noqa: E402
-from runtime import io_spec  # noqa: E402
-from runtime.manifest import load_manifest  # noqa: E402
+from kvtrace.exporter import validate  # noqa: E402
+from kvtrace.exporter.export import export_model  # noqa: E402
+from kvtrace import io_spec  # noqa: E402
+from kvtrace.manifest import load_manifest  # noqa: E402
 
 MAX_SEQ = 64  # static cache length of the test artifacts (tiny models allow 128)
 PROMPT_LENS = [14, 9]  # ragged batch of 2, longer than starcoder2's sliding window of 8
@@ -31,7 +31,7 @@ STEPS = 16
 
 @functools.lru_cache(maxsize=None)
 def _loaded(variant: str):
-    from models.checkpoint import load_checkpoint
+    from kvtrace.models.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_hf.checkpoint(variant))
 
@@ -113,8 +113,8 @@ def test_trained_fixture_stories260k(dtype, tmp_path):
     bin_path = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "stories260K.bin"
     if not bin_path.is_file():
         pytest.skip(f"fixture {bin_path} absent")
-    from models.checkpoint import load_checkpoint
-    from models.llama2c import convert
+    from kvtrace.models.checkpoint import load_checkpoint
+    from kvtrace.models.llama2c import convert
 
     loaded = load_checkpoint(convert(bin_path, tmp_path / "ckpt"))
     out = export_model(loaded.model, tmp_path / "art", dtype=dtype, layout="static", max_seq=256,
@@ -146,7 +146,7 @@ def test_manifest_contents(tmp_path):
     assert data["tokenizer"] == {"type": "builtin-bytes"}
     assert data["generation"] == {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                                   "pad_token_id": cfg.pad_token_id}
-    assert data["graph"] == {"attention": "fused", "rotary": "fused", "cache_update": "TensorScatter"}
+    assert data["graph"] == {"attention": "fused", "rotary": "fused", "cache_update": "TensorScatter", "attend": "used"}
     assert sorted(p.name for p in out.iterdir()) == ["kvtrace.json", "model.onnx"]
     assert not [p for p in tmp_path.iterdir() if p.name != "art"], "temporary files left beside the artifact"
 
@@ -155,7 +155,7 @@ def test_tokenizer_copied_and_cli_default(tmp_path, monkeypatch):
     """--checkpoint with a tokenizer.json: copied and named in the manifest; --arch may be omitted."""
     import shutil
 
-    from exporter import cli
+    from kvtrace import cli
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_hf.checkpoint("neox_parallel_r025"), ckpt)

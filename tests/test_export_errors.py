@@ -10,10 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from exporter import cli  # noqa: E402
-from runtime import io_spec  # noqa: E402
-from runtime.errors import KvtraceError  # noqa: E402
-from runtime.manifest import load_manifest, write_manifest  # noqa: E402
+from kvtrace import cli  # noqa: E402
+from kvtrace import io_spec  # noqa: E402
+from kvtrace.errors import KvtraceError  # noqa: E402
+from kvtrace.manifest import load_manifest, write_manifest  # noqa: E402
 
 
 def _run(capsys, *argv):
@@ -114,7 +114,7 @@ def test_validation_failure_leaves_no_artifact(tmp_path, capsys, monkeypatch):
     no artifact and no temporary directory."""
     import numpy as np
 
-    from exporter import export
+    from kvtrace.exporter import export
 
     real_getitem = export.TorchWeights.__getitem__
 
@@ -131,7 +131,7 @@ def test_validation_failure_leaves_no_artifact(tmp_path, capsys, monkeypatch):
 def test_write_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
     """An OSError while writing (a full disk, say) becomes a clear error; the temporary
     directory is removed."""
-    from exporter import export
+    from kvtrace.exporter import export
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")

@@ -14,11 +14,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import configs  # noqa: E402
-from exporter import onnx_graph, validate  # noqa: E402
-from exporter.export import export_model  # noqa: E402
-from models.transformer import random_model  # noqa: E402
-from runtime import io_spec  # noqa: E402
+from kvtrace import configs  # noqa: E402
+from kvtrace.exporter import onnx_graph, validate  # noqa: E402
+from kvtrace.exporter.export import export_model  # noqa: E402
+from kvtrace.models.transformer import random_model  # noqa: E402
+from kvtrace import io_spec  # noqa: E402
 
 ARCHS = list(configs.BUILTIN)
 MAX_SEQ = 48
@@ -215,7 +215,7 @@ def test_external_data(tmp_path):
     assert (out / "model.onnx.data").stat().st_size >= m.cfg.n_params() * 4
     assert (out / "model.onnx").stat().st_size < 100_000
     onnx.checker.check_model(str(out / "model.onnx"))
-    from runtime.manifest import load_manifest
+    from kvtrace.manifest import load_manifest
 
     assert load_manifest(out)["external_data"] == "model.onnx.data"
 
@@ -295,7 +295,7 @@ def test_bf16_graph_checks():
 def test_builtin_bf16_export_validates(tmp_path):
     m = _builtin("gpt_neox")
     out = export_model(m, tmp_path / "a", dtype="bfloat16", layout="static", max_seq=MAX_SEQ, log=lambda s: None)
-    from runtime.manifest import load_manifest
+    from kvtrace.manifest import load_manifest
 
     v = load_manifest(out)["validation"]
     assert "twin" in v["method"] and v["max_abs"] <= configs.TOLERANCES["bfloat16"]["max_abs"]

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 import tiny_hf  # noqa: E402
 from conftest import checkpoint_dir  # noqa: E402
-from runtime.model import Model  # noqa: E402
+from kvtrace.runtime.model import Model  # noqa: E402
 
 N_NEW = 32
 PROMPTS = [[3, 17, 99, 5, 64, 8, 21, 90, 11], [40, 9, 77, 12]]  # ragged: 9 and 4 tokens
@@ -129,9 +129,9 @@ def test_text_through_real_tokenizer(tmp_path, capsys):
 
     import transformers
     from conftest import FIXTURES
-    from exporter.cli import main
-    from exporter.export import export_model
-    from models.checkpoint import load_checkpoint
+    from kvtrace.cli import main
+    from kvtrace.exporter.export import export_model
+    from kvtrace.models.checkpoint import load_checkpoint
 
     tok_file = FIXTURES / "gpt_neox_20b_tokenizer.json"
     if not tok_file.is_file():

@@ -13,11 +13,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-from exporter.cli import main as cli  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.llama2c import convert  # noqa: E402
-from models.transformer import StaticCache  # noqa: E402
-from runtime.errors import KvtraceError  # noqa: E402
+from kvtrace.cli import main as cli  # noqa: E402
+from kvtrace.models.checkpoint import load_checkpoint  # noqa: E402
+from kvtrace.models.llama2c import convert  # noqa: E402
+from kvtrace.models.transformer import StaticCache  # noqa: E402
+from kvtrace.errors import KvtraceError  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "stories260K.bin"
 FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")

@@ -15,11 +15,11 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.config import ConfigError  # noqa: E402
-from models.hf import config_from_hf  # noqa: E402
-from models.transformer import StaticCache  # noqa: E402
-from runtime.errors import KvtraceError  # noqa: E402
+from kvtrace.models.checkpoint import load_checkpoint  # noqa: E402
+from kvtrace.config import ConfigError  # noqa: E402
+from kvtrace.models.hf import config_from_hf  # noqa: E402
+from kvtrace.models.transformer import StaticCache  # noqa: E402
+from kvtrace.errors import KvtraceError  # noqa: E402
 
 # ----------------------------------------------------------------------------- config forms
 # config.json as published checkpoints have it (the older form), trimmed to what matters

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="transformers is the independent reference")
 
 import tiny_hf  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.transformer import DynamicCache, StaticCache  # noqa: E402
+from kvtrace.models.checkpoint import load_checkpoint  # noqa: E402
+from kvtrace.models.transformer import DynamicCache, StaticCache  # noqa: E402
 
 LENGTHS = (16, 21)  # prompt lengths of the two rows
 STEPS = 16  # decode steps after the prefill

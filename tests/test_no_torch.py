@@ -29,9 +29,9 @@ BLOCKER = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def builtin_artifact(tmp_path_factory):
     """The built-in gpt_neox config (random weights) with the built-in byte tokenizer."""
-    from configs import BUILTIN, BUILTIN_SEED
-    from exporter.export import export_model
-    from models.transformer import random_model
+    from kvtrace.configs import BUILTIN, BUILTIN_SEED
+    from kvtrace.exporter.export import export_model
+    from kvtrace.models.transformer import random_model
 
     out = tmp_path_factory.mktemp("notorch") / "gpt_neox"
     export_model(random_model(BUILTIN["gpt_neox"], BUILTIN_SEED), out, max_seq=128, max_batch=2,
@@ -52,17 +52,17 @@ def test_blocker_blocks(tmp_path):
 
 
 def test_runtime_without_torch(tmp_path, builtin_artifact):
-    from runtime.model import Model
+    from kvtrace.runtime.model import Model
 
     prompts = ["Hello", "a longer prompt"]
     want = [r.token_ids for r in Model.load(builtin_artifact).generate(prompts, max_new_tokens=8, greedy=True,
                                                                         stop_token_ids=[])]
     code = textwrap.dedent('''
         import json, sys
-        from runtime.model import Model
+        from kvtrace.runtime.model import Model
         m = Model.load(sys.argv[1])
         res = m.generate(["Hello", "a longer prompt"], max_new_tokens=8, greedy=True, stop_token_ids=[])
-        from exporter.cli import main
+        from kvtrace.cli import main
         rc = main(["generate", sys.argv[1], "--prompt", "Hello", "--max-new-tokens", "8", "--json"])
         assert rc == 0, rc
         bad = sorted(n for n in sys.modules if n == "torch" or n.startswith("torch."))

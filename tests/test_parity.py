@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from exporter import cli
-from exporter import parity as P
+from kvtrace import cli
+from kvtrace.exporter import parity as P
 
 STEPS, BATCH = "6", "3"
 
@@ -155,7 +155,7 @@ def test_fp16_artifact_judged_by_the_fp16_row(tmp_path, capsys):
     report = tmp_path / "r.json"
     assert cli.main(["parity", str(art), "--steps", "4", "--json", str(report)]) == 0, capsys.readouterr().out
     r = json.loads(report.read_text())
-    from configs import TOLERANCES
+    from kvtrace.configs import TOLERANCES
 
     assert r["dtype"] == "float16" and r["tolerance"] == TOLERANCES["float16"]
     assert 0 < r["summary"]["max_abs"] <= TOLERANCES["float16"]["max_abs"]  # fp16 differs, but within its row

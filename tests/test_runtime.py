@@ -15,10 +15,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from runtime import io_spec
-from runtime.errors import KvtraceError
-from runtime.model import Model
-from runtime.sampling import SamplingParams, next_tokens, probabilities
+from kvtrace import io_spec
+from kvtrace.errors import KvtraceError
+from kvtrace.runtime.model import Model
+from kvtrace.runtime.sampling import SamplingParams, next_tokens, probabilities
 from runtime_toy import build_toy, cache_contents
 
 
@@ -141,8 +141,8 @@ def test_streaming_deltas_hold_back_stop_prefix_and_split_chars(toy_dirs):
 
 
 def test_stream_tracker_split_characters():
-    from runtime.generate import _TextTracker
-    from runtime.tokenizer import ByteTokenizer
+    from kvtrace.runtime.generate import _TextTracker
+    from kvtrace.runtime.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     toks = tok.encode("a€🙂b")  # 1 + 3 + 4 + 1 bytes
@@ -236,7 +236,7 @@ def test_sampling_distribution():
 
 # ------------------------------------------------------------------ CLI
 def run_cli(argv, capsys):
-    from exporter.cli import main
+    from kvtrace.cli import main
 
     rc = main(argv)
     out, err = capsys.readouterr()
@@ -263,7 +263,7 @@ def test_cli_generate_json_and_stream(toy_dirs, capsys):
 def test_register_backend_and_auto_fallback(toy_dirs, tmp_path, capsys):
     import shutil
 
-    from runtime import backends
+    from kvtrace.runtime import backends
 
     calls = []
 

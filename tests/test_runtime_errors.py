@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from exporter.cli import main
-from runtime import io_spec
-from runtime.errors import KvtraceError
-from runtime.model import Model
+from kvtrace.cli import main
+from kvtrace import io_spec
+from kvtrace.errors import KvtraceError
+from kvtrace.runtime.model import Model
 from runtime_toy import build_toy
 
 

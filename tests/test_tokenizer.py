@@ -8,8 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from runtime.errors import KvtraceError
-from runtime.tokenizer import ByteTokenizer, Tokenizer
+from kvtrace.errors import KvtraceError
+from kvtrace.runtime.tokenizer import ByteTokenizer, Tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "gpt_neox_20b_tokenizer.json"
 

@@ -20,16 +20,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from runtime.errors import KvtraceError  # noqa: E402
+from kvtrace.errors import KvtraceError  # noqa: E402
 
 if importlib.util.find_spec("tensorrt_rtx") is None:
     print("test_trt: skipped, tensorrt_rtx is not importable (pip install tensorrt-rtx-cu13)")
     pytest.skip("tensorrt_rtx is not importable (pip install tensorrt-rtx-cu13)", allow_module_level=True)
 
-import configs  # noqa: E402
-from exporter import cli  # noqa: E402
-from runtime import trt_backend  # noqa: E402
-from runtime.manifest import load_manifest  # noqa: E402
+from kvtrace import configs  # noqa: E402
+from kvtrace import cli  # noqa: E402
+from kvtrace.runtime import trt_backend  # noqa: E402
+from kvtrace.manifest import load_manifest  # noqa: E402
 
 # Lowest builder optimization level: the network (what is checked) is the same; the build is faster.
 OPT = ["--optimization-level", "0"]
@@ -37,7 +37,7 @@ MAX_SEQ = 64
 
 
 def _export(model, out: Path, dtype: str, layout: str = "static", **kw) -> Path:
-    from exporter.export import export_model
+    from kvtrace.exporter.export import export_model
 
     return export_model(model, out, dtype=dtype, layout=layout, max_seq=MAX_SEQ, max_batch=4, validate=False,
                         source={"kind": "test"}, log=lambda *a, **k: None, **kw)
@@ -45,7 +45,7 @@ def _export(model, out: Path, dtype: str, layout: str = "static", **kw) -> Path:
 
 def _model(kind: str, name: str, dtype: str):
     import torch
-    from models.transformer import random_model
+    from kvtrace.models.transformer import random_model
 
     assert kind == "builtin"
     return random_model(configs.BUILTIN[name], configs.BUILTIN_SEED, getattr(torch, dtype))
@@ -166,7 +166,7 @@ def _has_gpu() -> bool:
 
 @pytest.mark.skipif(_has_gpu(), reason="this machine has an NVIDIA GPU (the no-GPU error cannot occur)")
 def test_backend_without_gpu_says_so(built):
-    from runtime.model import Model
+    from kvtrace.runtime.model import Model
 
     with pytest.raises(KvtraceError, match="needs an NVIDIA GPU"):
         Model.load(built, backend="tensorrt")
@@ -357,7 +357,7 @@ def _fake_trt(onnx_file: Path, cuda: _FakeCuda, version: str, aliases: dict[str,
 
 @pytest.mark.parametrize("layout", ["static", "dynamic"])
 def test_backend_data_flow_emulated(tmp_path, capsys, monkeypatch, layout):
-    from runtime.model import Model
+    from kvtrace.runtime.model import Model
 
     art = _export(_model("builtin", "llama", "float32"), tmp_path / layout, "float32", layout=layout,
                   tokenizer="builtin-bytes")

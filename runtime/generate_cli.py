@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 
 def _parse_ids(items: list[str]) -> list[list[int]]:
@@ -20,7 +20,27 @@ def _parse_ids(items: list[str]) -> list[list[int]]:
     return out
 
 
-def generate_main(args) -> int:
+def add_arguments(p) -> None:
+    """The command's options (kvtrace/cli.py builds the parser)."""
+    p.add_argument("artifact")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", help="one or more text prompts (run as one batch)")
+    src.add_argument("--input-ids", nargs="+", help="one or more comma-separated token id lists")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true")
+    mode.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", nargs="+", default=[], help="stop strings")
+    p.add_argument("--stream", action="store_true", help="print text as tokens are produced")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
+
+
+def main(args) -> int:
     from .model import Model
 
     model = Model.load(args.artifact, backend=args.backend)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import KvtraceError
+from kvtrace.errors import KvtraceError
 
 ARCHITECTURES = ("gpt_neox", "llama", "starcoder2", "xglm")
 NORMS = ("layernorm", "rmsnorm")
@@ -164,79 +164,3 @@ class ModelConfig:
         if not self.tie_word_embeddings:
             s["lm_head.weight"] = (V, D)
         return s
-
-
-def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None):
-    """Inverse frequencies (rotary_dim/2,) as float64 numpy, and the cos/sin multiplier.
-
-    `seq_len` only matters for dynamic NTK scaling (the base grows once positions pass
-    max_position). numpy, not torch, so the exporter and runtime share it.
-    """
-    import numpy as np
-
-    dim = cfg.rotary_dim
-    base = cfg.rope_theta
-    p = cfg.rope_params
-    attention_factor = 1.0
-    if cfg.rope_type == "dynamic" and seq_len is not None and seq_len > cfg.max_position:
-        f = p["factor"]
-        base = base * ((f * seq_len / cfg.max_position) - (f - 1)) ** (dim / (dim - 2))
-    # fp32 arithmetic, as the reference implementations do, so tables agree bit for bit
-    inv = (1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))))
-    inv = inv.astype(np.float32)
-    if cfg.rope_type == "linear":
-        inv = inv / np.float32(p["factor"])
-    elif cfg.rope_type == "llama3":
-        factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-        old = p["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        lo_wl, hi_wl = old / lo, old / hi
-        scaled = np.where(wavelen > lo_wl, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
-        inv = np.where(medium, smoothed, scaled).astype(np.float32)
-    elif cfg.rope_type == "yarn":
-        factor = p["factor"]
-        orig = p.get("original_max_position_embeddings") or cfg.max_position
-        beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-        mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
-
-        def get_mscale(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        attention_factor = p.get("attention_factor")
-        if attention_factor is None:
-            if mscale and mscale_all:
-                attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
-            else:
-                attention_factor = get_mscale(factor)
-
-        def corr_dim(rot):
-            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
-
-        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
-        if p.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
-        extrap = 1 - ramp
-        pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
-        inv = ((1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap).astype(np.float32)
-    return inv.astype(np.float32), float(attention_factor)
-
-
-def sinusoidal_table(cfg: ModelConfig, n_rows: int):
-    """fairseq/XGLM sinusoidal table (n_rows, hidden) float32; row pad_token_id is zero."""
-    import numpy as np
-
-    half = cfg.hidden_size // 2
-    step = math.log(10000) / (half - 1)
-    freqs = np.exp(np.arange(half, dtype=np.int64).astype(np.float32) * np.float32(-step)).astype(np.float32)
-    ang = np.arange(n_rows, dtype=np.int64).astype(np.float32)[:, None] * freqs[None, :]
-    table = np.concatenate([np.sin(ang), np.cos(ang)], axis=1).astype(np.float32)
-    if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < n_rows:
-        table[cfg.pad_token_id] = 0.0
-    return table

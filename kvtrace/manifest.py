@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import io_spec
-from runtime.errors import KvtraceError
+from kvtrace import io_spec
+from kvtrace.errors import KvtraceError
 
 REQUIRED = ("format_version", "architecture", "config", "dtype", "onnx", "io")
 
@@ -76,7 +76,7 @@ class Manifest:
 
     def config(self):
         """The ModelConfig (models.config is pure Python, no torch)."""
-        from models.config import ModelConfig
+        from kvtrace.config import ModelConfig
 
         return ModelConfig.from_dict(self.data["config"])
 
