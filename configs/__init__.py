@@ -36,24 +36,34 @@ BUILTIN: dict[str, ModelConfig] = {
 }
 
 # Export profile defaults: the static cache length and the batch range of the graph/engine.
-DEFAULT_MAX_SEQ = 2048  # capped by the model's max_position
+DEFAULT_MAX_SEQ = 2048  # capped by the model's max_position (default_max_seq)
 DEFAULT_MAX_BATCH = 8
 DEFAULT_OPSET = 24
 
-# Parity tolerances per artifact dtype (reference: our PyTorch model in fp32).
-#   max_abs: largest |logit difference| allowed at any position of any step
-#   top1:    minimum fraction of positions whose argmax agrees (positions where the reference's
-#            top-2 margin is a near tie do not count)
-# fp16 rounds every activation to 11 significant bits: on the trained stories260K the torch fp16
-# model itself is 0.15 from fp32 and our fp16 graph 0.23, so 0.25 would leave no margin for a
-# larger real model; a broken graph misses by whole logits and fails top-1 as well.
-# bf16 keeps 8 bits, 8x coarser. fp32: onnxruntime vs torch differ by summation order only
-# (3.8e-6 on the Pythia-160M shape); 1e-4 catches a 1% error in a single weight row. Larger models
-# accumulate more rounding: `kvtrace parity --max-abs` overrides per run.
+
+def default_max_seq(cfg: ModelConfig) -> int:
+    """The static cache length / longest sequence when --max-seq is not given."""
+    return min(DEFAULT_MAX_SEQ, cfg.max_position)
+
+
+# Parity tolerances per artifact dtype (reference: our PyTorch model in fp32, or transformers).
+# What is compared (kvtrace/runtime/parity.py has the one definition of each metric): every real
+# position of a ragged prefill and of each decode step, all vocabulary entries.
+#   max_abs: |logit difference| allowed at a position ...
+#   max_rel: ... or, where looser, this fraction of the standard deviation of the reference's
+#            logits at that position (large real models' logits span tens of units, and rounding
+#            errors grow with them)
+#   top1:    minimum fraction of *decisive* positions (reference top-2 margin >= 0.01) whose argmax
+#            agrees; positions that are near ties do not count (they flip under any rounding)
+# fp32: onnxruntime vs torch differ by summation order only (3.8e-6 on the Pythia-160M shape, up to
+# 1e-4 on the trained stories260K whose logits span ~30 units); 1e-4 absolute still catches a 1%
+# error in a single weight row. fp16 rounds every activation to 11 significant bits: on stories260K
+# the torch fp16 model itself is 0.15 from fp32 and our fp16 graph 0.23; a broken graph misses by
+# whole logits and fails top-1 as well. bf16 keeps 8 bits, 8x coarser.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"max_abs": 1e-4, "top1": 0.99},
-    "float16": {"max_abs": 0.5, "top1": 0.99},
-    "bfloat16": {"max_abs": 2.0, "top1": 0.95},
+    "float32": {"max_abs": 1e-4, "max_rel": 2e-5, "top1": 0.99},
+    "float16": {"max_abs": 0.5, "max_rel": 0.1, "top1": 0.99},
+    "bfloat16": {"max_abs": 2.0, "max_rel": 0.4, "top1": 0.95},
 }
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -8,17 +8,18 @@ reference model) and only then renamed into place.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kvtrace import configs
+from kvtrace import configs, files
+from kvtrace import manifest as manifest_mod
 from kvtrace.exporter import onnx_graph
 from kvtrace import io_spec
 from kvtrace.config import ARCHITECTURES
@@ -178,201 +179,150 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
     return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
 
 
-def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "static", max_seq: int | None = None,
-                 max_batch: int | None = None, opset: int = configs.DEFAULT_OPSET, tokenizer=None,
-                 source: dict | None = None, validate: bool = True, external_data: bool = False,
-                 force: bool = False, release_weights: bool = False, log=None) -> Path:
-    """Export `model` (a models.transformer.Transformer) to the artifact directory `out_dir`.
+@dataclass(frozen=True)
+class ExportSpec:
+    """What one export writes, with every default filled and every option checked once
+    (the CLI and the Python API both go through `make`)."""
+    dtype: str = "float32"
+    layout: str = "static"
+    max_seq: int = configs.DEFAULT_MAX_SEQ
+    max_batch: int = configs.DEFAULT_MAX_BATCH
+    opset: int = configs.DEFAULT_OPSET
+    attend: str = "used"  # static cache: "used" (CPU: slots in use) or "full" (GPU: value-independent shapes)
+    external_data: bool = False
+    validate: bool = True
 
+    @classmethod
+    def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
+             attend="used", external_data=False, validate=True) -> "ExportSpec":
+        spec = cls(dtype=dtype, layout=layout,
+                   max_seq=configs.default_max_seq(cfg) if max_seq is None else max_seq,
+                   max_batch=configs.DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+                   opset=configs.DEFAULT_OPSET if opset is None else opset,
+                   attend=attend, external_data=bool(external_data), validate=bool(validate))
+        onnx_graph.check_options(cfg, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset)
+        if not isinstance(spec.max_batch, int) or spec.max_batch < 1:
+            raise KvtraceError(f"--max-batch {spec.max_batch!r}: must be a positive integer")
+        return spec
+
+
+def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, force: bool = False,
+                 release_weights: bool = False, log=None, **options) -> Path:
+    """Export `model` (a kvtrace.models.transformer.Transformer) to the artifact directory
+    `out_dir`; `options` are ExportSpec.make's (dtype, layout, max_seq, max_batch, opset, attend,
+    external_data, validate). The model itself is the validation reference (in fp32).
+
+    release_weights: free the model's parameters once they are written and the reference has
+    run (the model is unusable afterwards), so onnxruntime's validation does not sit beside them.
+    """
+    spec = ExportSpec.make(model.cfg, **options)
+    reference = None
+    if spec.validate:
+        from kvtrace.exporter.references import TorchReference
+
+        reference = TorchReference(model, {"kind": "export", "dtype": "float32"})
+    return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
+                           source=source, force=force, log=log,
+                           release=(lambda: _release(model)) if release_weights else None)
+
+
+def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
+                    source: dict | None = None, force: bool = False, log=None, release=None) -> Path:
+    """Write the artifact for (cfg, weights) to `out_dir`: graph, tokenizer, manifest, validation.
+
+    weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing.
+    reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), required when
+    spec.validate. release(): called once the reference has run and the weights are written.
     tokenizer: None, a path to a tokenizer.json to copy, or "builtin-bytes".
-    release_weights: free the model's parameters once they are written (the model is unusable
-    afterwards): the onnxruntime validation then does not hold a second copy of the weights.
-    Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation);
-    in both cases nothing is left at `out_dir` or beside it.
+    Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation); in both
+    cases nothing is left at `out_dir` or beside it.
     """
     log = log or _log
-    cfg = model.cfg
     out = Path(out_dir)
-    max_seq = int(max_seq) if max_seq is not None else min(configs.DEFAULT_MAX_SEQ, cfg.max_position)
-    max_batch = int(max_batch) if max_batch is not None else configs.DEFAULT_MAX_BATCH
-    opset = int(opset) if opset is not None else configs.DEFAULT_OPSET
-    onnx_graph.check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
-    if max_batch < 1:
-        raise KvtraceError(f"--max-batch {max_batch}: must be a positive integer")
     tok_path = None
     if tokenizer not in (None, "builtin-bytes"):
         tok_path = Path(tokenizer)
         if not tok_path.is_file():
             raise KvtraceError(f"tokenizer file {tok_path} not found")
-    if out.exists() and not force:
-        raise KvtraceError(f"--out {out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise KvtraceError(f"--out {out}: exists and is not a directory")
+    if spec.validate and reference is None:
+        raise KvtraceError("export validation needs a reference model")
+    if out.exists() or out.is_symlink():
+        files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
 
-    tmp, made_parents = _make_temp_dir(out)
+    tmp, made_parents = files.staging_dir(out)
     try:
-        t0 = time.perf_counter()
-        graph, inits, graph_info = onnx_graph.build(cfg, TorchWeights(model), dtype=dtype, layout=layout,
-                                                   max_seq=max_seq, opset=opset)
-        n_bytes = sum(t.nbytes for t in inits)
-        external = bool(external_data) or n_bytes + (1 << 20) >= TWO_GB
-        log(f"built graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
-            f"({time.perf_counter() - t0:.2f}s)")
-        t0 = time.perf_counter()
-        size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external)
-        log(f"wrote {io_spec.ONNX_NAME}{' + ' + DATA_NAME if external else ''}: {size / 1e6:.1f} MB "
-            f"({time.perf_counter() - t0:.2f}s)")
-
-        if tok_path is not None:
-            shutil.copyfile(tok_path, tmp / "tokenizer.json")
-            tok = {"type": "file", "file": "tokenizer.json"}
-        elif tokenizer == "builtin-bytes":
-            tok = {"type": "builtin-bytes"}
-        else:
-            tok = None
-
-        sk = skeleton(graph, inits) if validate else None
-        del inits  # the last references to the weights held here
-        validation = None
-        if validate:
-            validation = _validate(graph, sk, tmp / io_spec.ONNX_NAME, model, dtype=dtype, layout=layout,
-                                   max_seq=max_seq, log=log, release_weights=release_weights)
-        elif release_weights:
-            _release(model)
-        from kvtrace import __version__
-
-        manifest = {
-            "kvtrace_version": __version__,
-            "architecture": cfg.arch,
-            "config": cfg.to_dict(),
-            "dtype": dtype,
-            "opset": opset,
-            "onnx": io_spec.ONNX_NAME,
-            "external_data": DATA_NAME if external else None,
-            "io": io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                vocab_size=cfg.vocab_size, dtype=dtype, layout=layout, max_seq=max_seq,
-                                max_batch=max_batch),
-            "tokenizer": tok,
-            "generation": {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                           "pad_token_id": cfg.pad_token_id},
-            "source": dict(source or {}),
-            "graph": graph_info,
-            "validation": validation,
-        }
+        graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log)
+        tok = _copy_tokenizer(tok_path, tokenizer, tmp)
+        manifest = _manifest(cfg, spec, graph_info, external, tok, source)
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out, force)
+        if spec.validate:
+            from kvtrace.exporter import validate
+
+            manifest["validation"] = validate.validate_artifact(
+                tmp, graph, inits, cfg, weights, reference, spec=spec, release=release,
+                log=lambda m: log("validate: " + m))
+            write_manifest(tmp, manifest)
+        elif release is not None:
+            release()
+        del inits
+        files.replace_dir(tmp, out, force=force, is_ours=manifest_mod.not_an_artifact)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in made_parents:  # only directories this call created, deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        files.remove_dirs(made_parents)
         if isinstance(e, OSError):  # disk full, permissions, ...: name where it happened
-            raise KvtraceError(f"--out {out}: writing the artifact failed ({e}); nothing was left behind") from e
+            raise KvtraceError(f"--out {out}: writing the artifact failed ({e.strerror or e}); "
+                               "nothing was left behind") from e
         raise
     log(f"artifact ready: {out}")
     return out
 
 
-def _make_temp_dir(out: Path):
-    """A temporary directory beside `out` (same file system, so the final rename is atomic)."""
-    parent = out.absolute().parent
-    made = []
-    p = parent
-    while not p.exists():
-        made.append(p)
-        p = p.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary directory
-    except OSError as e:
-        for d in made:
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise KvtraceError(f"--out {out}: cannot create the artifact directory there ({e.strerror or e})") from e
-    return tmp, made
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    old = None
-    if out.exists():
-        if not force:
-            raise KvtraceError(f"--out {out}: appeared while exporting; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError as e:
-        if old is not None:
-            os.replace(old, out)
-        raise KvtraceError(f"--out {out}: cannot move the finished artifact into place ({e})") from e
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _validate(graph, sk, path: Path, model, *, dtype, layout, max_seq, log, release_weights) -> dict:
-    """checker + shape inference on the skeleton, then onnxruntime on the written file
-    against the reference trace (computed first, so the weights can be freed before
-    onnxruntime loads its own copy)."""
-    from kvtrace.exporter import validate as v
-
-    vlog = lambda m: log("validate: " + m)  # noqa: E731
+def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log):
+    """Build the graph and stream the weights into tmp/model.onnx (+ .data)."""
     t0 = time.perf_counter()
-    try:
-        v.check_graph(sk)
-    except KvtraceError as e:
-        raise KvtraceError(f"{path.name}: {e}") from e
-    if graph_external(path):
-        # by path as well: checks the external references (file, offsets) without loading the weights
-        import onnx
-
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as e:  # noqa: BLE001 - onnx raises several types
-            raise KvtraceError(f"{path.name}: ONNX check failed: {e}") from e
-    vlog(f"onnx.checker + shape inference ok ({time.perf_counter() - t0:.2f}s)")
-
+    graph, inits, graph_info = onnx_graph.build(cfg, weights, dtype=spec.dtype, layout=spec.layout,
+                                                max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend)
+    n_bytes = sum(t.nbytes for t in inits)
+    external = spec.external_data or n_bytes + (1 << 20) >= TWO_GB
+    log(f"built graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
+        f"({time.perf_counter() - t0:.2f}s)")
     t0 = time.perf_counter()
-    ref = model if model.dtype == _torch_f32() else _fp32_copy(model)
-    trace = v.validation_trace(ref, layout=layout, max_seq=max_seq)
-    del ref
-    vlog(f"reference model run ({time.perf_counter() - t0:.1f}s)")
-    method = "onnxruntime-cpu"
-    run_path, run_dtype = path, dtype
-    if dtype == "bfloat16":
-        # onnxruntime's CPU provider has no bfloat16 MatMul: check the same graph built in fp32 from
-        # the bf16-rounded weights (identical topology and builder) against the bf16 tolerance.
-        # bf16 arithmetic itself is left to the GPU backends (TensorRT, onnxruntime-cuda).
-        run_path, run_dtype = path.with_name(".bf16-twin.onnx"), "float32"
-        twin, twin_inits, _ = onnx_graph.build(model.cfg, _Bf16Rounded(TorchWeights(model)), dtype="float32",
-                                               layout=layout, max_seq=max_seq, opset=graph.opset_import[0].version)
-        write_onnx(twin, twin_inits, run_path, external=False)
-        del twin, twin_inits
-        method = "onnxruntime-cpu, fp32 twin graph of the bf16-rounded weights"
-    if release_weights:
-        _release(model)
-    try:
-        res = v.check_parity(run_path, trace, model.cfg, layout=layout, dtype=dtype, sess_dtype=run_dtype,
-                             max_seq=max_seq, tolerances=configs.TOLERANCES[dtype], log=vlog)
-    finally:
-        if run_path != path:
-            run_path.unlink(missing_ok=True)
-    return {"method": method, "reference": "kvtrace torch model (fp32)", "max_abs": res.max_abs,
-            "top1": res.top1, "top1_strict": res.top1_strict, "positions": res.positions}
+    size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external)
+    log(f"wrote {io_spec.ONNX_NAME}{' + ' + DATA_NAME if external else ''}: {size / 1e6:.1f} MB "
+        f"({time.perf_counter() - t0:.2f}s)")
+    return graph, inits, graph_info, external
 
 
-def graph_external(path: Path) -> bool:
-    return path.with_name(DATA_NAME).exists()
+def _copy_tokenizer(tok_path: Path | None, tokenizer, tmp: Path) -> dict | None:
+    if tok_path is not None:
+        shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        return {"type": "file", "file": "tokenizer.json"}
+    if tokenizer == "builtin-bytes":
+        return {"type": "builtin-bytes"}
+    return None
+
+
+def _manifest(cfg, spec: ExportSpec, graph_info: dict, external: bool, tok, source) -> dict:
+    from kvtrace import __version__
+
+    return {
+        "kvtrace_version": __version__,
+        "architecture": cfg.arch,
+        "config": cfg.to_dict(),
+        "dtype": spec.dtype,
+        "opset": spec.opset,
+        "onnx": io_spec.ONNX_NAME,
+        "external_data": DATA_NAME if external else None,
+        "io": io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                            vocab_size=cfg.vocab_size, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq,
+                            max_batch=spec.max_batch),
+        "tokenizer": tok,
+        "generation": {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                       "pad_token_id": cfg.pad_token_id},
+        "source": dict(source or {}),
+        "graph": graph_info,
+        "validation": None,
+    }
 
 
 def _release(model) -> None:
@@ -392,41 +342,7 @@ def _release(model) -> None:
         pass
 
 
-def _torch_f32():
-    import torch
-
-    return torch.float32
-
-
-def _fp32_copy(model):
-    import copy
-
-    return copy.deepcopy(model).float().eval()
-
-
-class _Bf16Rounded(Mapping):
-    """Weights rounded to bfloat16 and widened back to fp32 (for the bf16 validation twin)."""
-
-    def __init__(self, inner: Mapping):
-        self._inner = inner
-
-    def __getitem__(self, name):
-        return onnx_graph.to_dtype(self._inner[name], "bfloat16").astype(np.float32)
-
-    def __iter__(self):
-        return iter(self._inner)
-
-    def __len__(self):
-        return len(self._inner)
-
-
 # --------------------------------------------------------------------------------- CLI
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser)."""
     p.add_argument("--arch", choices=ARCHITECTURES,
@@ -476,20 +392,17 @@ def main(args) -> int:
 
         cfg = configs.BUILTIN[args.arch]
         _log(f"building the built-in {args.arch} model (random weights, seed {configs.BUILTIN_SEED}) ...")
-        # check the options before spending time on weights
         model = None
         tokenizer = "builtin-bytes"
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
-    max_seq = args.max_seq if args.max_seq is not None else min(configs.DEFAULT_MAX_SEQ, cfg.max_position)
-    opset = args.opset if args.opset is not None else configs.DEFAULT_OPSET
-    onnx_graph.check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
-    if model is None:
+    spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
+                           opset=args.opset, external_data=args.external_data, validate=not args.no_validate)
+    if model is None:  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)
     _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")
     out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout)
-    export_model(model, out, dtype=dtype, layout=layout, max_seq=max_seq, max_batch=args.max_batch,
-                 opset=opset, tokenizer=tokenizer, source=source, validate=not args.no_validate,
-                 external_data=args.external_data, force=args.force, release_weights=True)
-    _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {_peak_rss_mb():.0f} MB)")
+    export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
+                 **dataclasses.asdict(spec))
+    _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {files.peak_rss_mb():.0f} MB)")
     print(out)
     return 0

@@ -1,6 +1,7 @@
 """transformers' `generate`, timed the way `kvtrace bench --compare hf` times kvtrace.
 
-Kept outside runtime/ because it needs torch; runtime/bench.py imports it only for --compare hf.
+Kept outside the runtime because it needs torch; the runtime finds it through the
+"kvtrace.baselines" entry point `hf` (pyproject.toml) when asked for --compare hf.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from kvtrace.errors import KvtraceError
 
 
-def load_hf(checkpoint: str, threads: int):
+def load(checkpoint: str, threads: int):
     try:
         import torch
         import transformers
@@ -27,7 +28,7 @@ def load_hf(checkpoint: str, threads: int):
                           "torch_threads": torch.get_num_threads()}
 
 
-def hf_runner(model, prompts: list[list[int]], new_tokens: int):
+def runner(model, prompts: list[list[int]], new_tokens: int):
     """One run: generate 1 token, then generate new_tokens -> (t(1) ms, t(N) ms)."""
     import torch
 

@@ -4,7 +4,7 @@ Works with the full TensorRT (module `tensorrt`, >= 10.15) and with TensorRT-RTX
 `tensorrt_rtx`), whichever is installed. TensorRT-RTX builds for named compute capabilities
 without a GPU (`--compute-capability sm89`); the full TensorRT builds for the GPU it runs on.
 
-What the parser accepts was measured with TensorRT-RTX 1.7 (/work/notes/trt_findings.md):
+What the parser accepts was measured with TensorRT-RTX 1.7 (docs/tensorrt.md):
 - the ONNX `Attention` node becomes IAttention (layer types ATTENTION_INPUT + ATTENTION_OUTPUT),
   `RotaryEmbedding` becomes ROTARY_EMBEDDING, `TensorScatter` on a static cache input becomes
   KV_CACHE_UPDATE (output aliases the input: bind both to one buffer);
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+from kvtrace import files
 from kvtrace.errors import KvtraceError
 from kvtrace.manifest import load_manifest, write_manifest
 from kvtrace.runtime.trt_backend import FLAVOURS, TrtLogger, gpu_compute_capability, import_tensorrt, normalize_cc
@@ -216,16 +215,16 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
                            + " | ".join(logger.errors[-3:]))
 
     engine_path = d / ENGINE_NAME
-    _atomic_write(engine_path, blob)
+    files.atomic_write_bytes(engine_path, blob)
     if timing_cache:
-        _atomic_write(Path(timing_cache), config.get_timing_cache().serialize())
+        files.atomic_write_bytes(Path(timing_cache), config.get_timing_cache().serialize(), what="--timing-cache")
 
     section = {
         "flavour": flv,
         "version": trt.__version__,
         "engine": ENGINE_NAME,
         "engine_sha256": hashlib.sha256(memoryview(blob)).hexdigest(),
-        "onnx_sha256": _sha256_file(onnx_file),
+        "onnx_sha256": files.sha256_file(onnx_file),
         "compute_capabilities": ccs or ["current"],
         "built_on_cc": built_on,
         "profiles": profiles,
@@ -241,31 +240,6 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
     return {**section, "engine_path": str(engine_path)}
 
 
-def _atomic_write(path: Path, blob) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(blob))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an engine is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser)."""
     p.add_argument("artifact")

@@ -1,47 +1,35 @@
-"""Export-time checks: onnx.checker, shape inference, and onnxruntime (CPU) against the
-reference model on a ragged batch (prefill + decode steps) through the artifact's own
-cache layout.
-
-`compare()` is shared with the tests: it drives the ONNX graph with numpy the way the
-runtime does (static: one preallocated cache per layer, updated by TensorScatter and fed
-back; dynamic: past -> present with an attention_mask) and the reference Transformer with
-the matching cache, and returns per-step logits differences.
+"""Export-time checks of a written artifact, before it is moved into place:
+  1. onnx.checker and strict shape inference on the graph (its weights declared as typed inputs,
+     so nothing is read back), and onnx.checker by path for external data (file, offsets);
+  2. the artifact, loaded by the runtime itself (kvtrace.runtime.model.Model on onnxruntime CPU),
+     against the reference through the one parity harness (kvtrace.runtime.parity): a ragged
+     batch of two prompts, then decode steps on the reference's greedy tokens, judged by
+     configs.TOLERANCES[dtype].
+The reference runs first and is dropped (and the caller's weights released) before onnxruntime
+loads the graph, so the two never sit in memory together.
+bfloat16: onnxruntime's CPU provider has no bf16 MatMul, so the same builder writes an fp32 twin
+of the graph from the bf16-rounded weights, which runs instead (bf16 arithmetic itself is left to
+the GPU backends); the manifest's validation.method says so.
 """
 from __future__ import annotations
 
+import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from kvtrace import io_spec
+from kvtrace import configs, io_spec
 from kvtrace.errors import KvtraceError, ParityFailure
+from kvtrace.runtime import parity
 
-NP_DTYPE = {"float32": np.float32, "float16": np.float16}
-# top-1 agreement is judged where the fp32 reference is decisive: a top-2 margin below this is a
-# tie that fp16 rounding (about 3 significant digits) may legitimately break either way.
-TIE_MARGIN = 1e-2
-
-
-@dataclass
-class ParityResult:
-    max_abs: float = 0.0
-    top1: float = 1.0  # over positions where the reference's top-2 margin >= TIE_MARGIN
-    top1_strict: float = 1.0  # over every position
-    finite: bool = True
-    per_step: list = field(default_factory=list)  # max |Δ| per call (prefill first)
-    positions: int = 0
-
-    def summary(self) -> str:
-        return (f"max |Δlogit| {self.max_abs:.3g}, top-1 agreement {100 * self.top1:.2f}% "
-                f"(strict {100 * self.top1_strict:.2f}%) over {self.positions} positions, "
-                f"{'all finite' if self.finite else 'NON-FINITE logits'}")
+# the export's sample: 2 rows of 8 and 6 tokens, then 4 decode steps (fewer when max_seq is tiny)
+PROMPT_LEN, BATCH, STEPS, SEED = 8, 2, 4, 0
 
 
 def check_graph(model) -> None:
-    """onnx.checker and strict shape inference on an in-memory ModelProto (the exporter
-    passes the weightless skeleton of what it wrote)."""
+    """onnx.checker and strict shape inference on an in-memory ModelProto."""
     import onnx
 
     try:
@@ -51,188 +39,107 @@ def check_graph(model) -> None:
         raise KvtraceError(f"ONNX check failed: {e}") from e
 
 
-def sample_prompts(cfg, batch: int = 2, lengths=None, seed: int = 0):
-    """A ragged batch: prompts of different lengths, token ids avoiding nothing in particular."""
-    rng = np.random.default_rng(seed)
-    lengths = lengths or [max(2, 11 - 4 * b) for b in range(batch)]
-    return [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in lengths]
+def validation_prompts(cfg, max_seq: int) -> tuple[list[list[int]], int]:
+    steps = min(STEPS, max_seq // 2)
+    longest = max(1, min(PROMPT_LEN, max_seq - steps))
+    prompts = parity.make_prompts(BATCH, longest, cfg.vocab_size, SEED,
+                                  avoid=(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id))
+    return prompts, steps
 
 
-def session(path: Path, threads: int | None = None, prepack: bool = True):
-    """An onnxruntime CPU session. prepack=False skips MLAS's packed copies of the MatMul
-    weights (the same kernels run; ~0.3x the weights less memory, slower on long runs):
-    the export's validation uses it to stay near 2x the weight bytes of peak memory."""
-    import onnxruntime as ort
+def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference, *, spec, release=None,
+                      log=print) -> dict:
+    """Check the artifact being written at `art` (manifest included); returns the manifest's
+    "validation" entry or raises ParityFailure / KvtraceError naming the artifact."""
+    from kvtrace.exporter.export import DATA_NAME, skeleton
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    if not prepack:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def session_from_bytes(data: bytes, threads: int | None = 1):
-    """An onnxruntime CPU session from an in-memory model (tests, small graphs)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
-@dataclass
-class Step:
-    feeds: dict  # input_ids, position_ids, logits_index (+ attention_mask) as int64 numpy
-    want: np.ndarray  # reference logits (B, T, V) float32
-    real: np.ndarray  # (B, T) bool: positions holding real tokens
-
-
-def reference_trace(ref_model, *, layout: str, prompts, steps: int = 16, pad_id: int = 0) -> list[Step]:
-    """Run the reference on a right-padded ragged batch: prefill, then `steps` greedy decode
-    steps (each row continues from its own last real token). Returns every call's inputs and
-    logits, so the ONNX side can replay them after the reference's weights are released."""
-    import torch
-
-    from kvtrace.models.transformer import DynamicCache, StaticCache
-
-    cfg = ref_model.cfg
-    B = len(prompts)
-    lens = [len(p) for p in prompts]
-    L = max(lens)
-    ids = np.full((B, L), pad_id, dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-    pos = np.tile(np.arange(L, dtype=np.int64), (B, 1))  # padding positions continue the row
-    real = np.arange(L)[None, :] < np.array(lens)[:, None]  # (B, L)
-    am = real.astype(np.int64)  # (B, P + T), dynamic layout only
-    # the static reference needs only the slots this trace reaches: later slots are masked
-    cache = StaticCache(cfg, B, L + steps) if layout == "static" else DynamicCache(cfg, B)
-    trace = []
-    nexts = list(lens)
-    # one thread: the batch is a few tokens, and on a busy machine torch's thread-pool barriers
-    # cost more than they save (measured: 6 s against 0.3 s for the 160M model's trace)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    onnx_path = art / io_spec.ONNX_NAME
+    t0 = time.perf_counter()
     try:
-        for step in range(steps + 1):
-            T = ids.shape[1]
-            # logits at every new position (the reference computes all of them)
-            sel = np.tile(np.arange(T, dtype=np.int64), (B, 1))  # (B, T)
-            feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: pos, io_spec.LOGITS_INDEX: sel}
-            if layout == "dynamic":
-                feeds[io_spec.ATTENTION_MASK] = am
-            with torch.no_grad():
-                want = ref_model(torch.from_numpy(ids), torch.from_numpy(pos), cache,
-                                 attention_mask=torch.from_numpy(am) if layout == "dynamic" else None).numpy()
-            trace.append(Step(feeds, want, real))
-            # next token of each row: the reference's greedy choice at the row's last real position
-            last = want[np.arange(B), np.array(nexts) - 1 if step == 0 else 0]  # (B, V)
-            ids = last.argmax(-1).astype(np.int64)[:, None]  # (B, 1)
-            pos = np.array(nexts, dtype=np.int64)[:, None]
-            nexts = [n + 1 for n in nexts]
-            real = np.ones((B, 1), dtype=bool)
-            if layout == "dynamic":
-                am = np.concatenate([am, np.ones((B, 1), dtype=np.int64)], axis=1)
+        check_graph(skeleton(graph, inits))
+        if (art / DATA_NAME).exists():
+            import onnx
+
+            onnx.checker.check_model(str(onnx_path))  # external references: file, offsets, lengths
+    except Exception as e:  # noqa: BLE001
+        raise KvtraceError(f"{onnx_path.name}: {e}") from e
+    log(f"onnx.checker + shape inference ok ({time.perf_counter() - t0:.2f}s)")
+
+    prompts, steps = validation_prompts(cfg, spec.max_seq)
+    trace = parity.record(reference, prompts, steps)
+    if hasattr(reference, "close"):
+        reference.close()
+    log(f"reference model run ({trace.seconds:.1f}s)")
+    run_dir, method = art, "onnxruntime-cpu through kvtrace.runtime"
+    if spec.dtype == "bfloat16":
+        run_dir = _bf16_twin(art, cfg, weights, spec)
+        method += ", fp32 twin graph of the bf16-rounded weights"
+    if release is not None:
+        release()
+    try:
+        report = _replay(run_dir, trace, configs.TOLERANCES[spec.dtype])
     finally:
-        torch.set_num_threads(threads)
-    return trace
+        if run_dir != art:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    log(f"onnxruntime vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
+    for note in report["notes"]:
+        log(f"note: {note}")
+    if not report["passed"]:
+        raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
+                            f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
+                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]})")
+    s = report["summary"]
+    return {"method": method, "reference": "kvtrace torch model (fp32)", "harness": "kvtrace.runtime.parity",
+            "prompt_lengths": [len(p) for p in prompts], "steps": steps,
+            "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"], "top1_strict": s["top1_strict"],
+            "decisive_positions": s["decisive"], "positions": s["positions"], "notes": report["notes"]}
 
 
-def replay(sess, trace: list[Step], cfg, *, layout: str, dtype: str, max_seq: int) -> ParityResult:
-    """Run the ONNX graph on the trace's inputs through its own cache path and compare.
+def _replay(run_dir: Path, trace, tol: dict) -> dict:
+    from kvtrace.runtime.model import Model
 
-    static: one cache OrtValue per tensor, bound as the input *and* the output of its
-    TensorScatter (the runtime's in-place update); dynamic: present fed back as past.
-    """
-    import onnxruntime as ort
-
-    B = trace[0].feeds[io_spec.INPUT_IDS].shape[0]
-    last = trace[-1].feeds[io_spec.POSITION_IDS].max() + 1
-    if layout == "static" and last > max_seq:
-        raise KvtraceError(f"validation needs {last} positions; the artifact has max_seq {max_seq}")
-    npdt = NP_DTYPE[dtype]
-    pairs = io_spec.cache_pairs(cfg.n_layers)
-    if layout == "static":
-        shape = (B, cfg.n_kv_heads, max_seq, cfg.head_dim)
-        caches = {src: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=npdt)) for src, _ in pairs}
-    else:
-        caches = {src: np.zeros((B, cfg.n_kv_heads, 0, cfg.head_dim), dtype=npdt) for src, _ in pairs}
-    res = ParityResult()
-    agree = total = agree_strict = decisive = 0
-    for st in trace:
-        if layout == "static":
-            io = sess.io_binding()
-            for name, arr in st.feeds.items():
-                io.bind_cpu_input(name, arr)
-            # logits into a buffer of our own: copy_outputs_to_cpu() would also copy every cache
-            out = np.empty(st.want.shape, dtype=np.float32)  # (B, T, V)
-            io.bind_output(io_spec.LOGITS, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            for src, dst in pairs:
-                io.bind_ortvalue_input(src, caches[src])
-                io.bind_ortvalue_output(dst, caches[src])  # in place: present aliases past
-            sess.run_with_iobinding(io)
-            logits = out
-        else:
-            outs = sess.run(None, {**st.feeds, **caches})
-            got = dict(zip([o.name for o in sess.get_outputs()], outs))
-            logits = got[io_spec.LOGITS]
-            caches = {src: got[dst] for src, dst in pairs}
-        logits = logits.astype(np.float32)  # (B, T, V)
-        want, real = st.want, st.real
-        d = np.abs(logits - want)[real]
-        res.finite &= bool(np.isfinite(logits[real]).all())
-        res.per_step.append(float(np.nan_to_num(d, nan=np.inf).max()))
-        same = logits.argmax(-1) == want.argmax(-1)  # (B, T)
-        top2 = np.sort(want, axis=-1)[..., -2:]
-        clear = real & (top2[..., 1] - top2[..., 0] >= TIE_MARGIN)
-        agree_strict += int(same[real].sum())
-        agree += int(same[clear].sum())
-        decisive += int(clear.sum())
-        total += int(real.sum())
-    res.max_abs = max(res.per_step)
-    res.top1 = agree / max(decisive, 1)
-    res.top1_strict = agree_strict / max(total, 1)
-    res.positions = total
-    return res
+    # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two
+    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=False)
+    try:
+        return parity.judge(parity.replay(m, trace), tol)
+    finally:
+        m.close()
 
 
-def compare(sess, ref_model, *, layout: str, dtype: str, max_seq: int, prompts, steps: int = 16,
-            pad_id: int = 0) -> ParityResult:
-    """Prefill `prompts` (right padded) then `steps` greedy decode steps (tokens chosen by
-    the reference) on both; the largest |Δlogit| over every real position and more."""
-    if max(len(p) for p in prompts) + steps > max_seq:
-        raise KvtraceError(f"validation needs {max(len(p) for p in prompts) + steps} positions; "
-                           f"the artifact has max_seq {max_seq}")
-    trace = reference_trace(ref_model, layout=layout, prompts=prompts, steps=steps, pad_id=pad_id)
-    return replay(sess, trace, ref_model.cfg, layout=layout, dtype=dtype, max_seq=max_seq)
+def _bf16_twin(art: Path, cfg, weights: Mapping, spec) -> Path:
+    """An fp32 artifact (inside `art`, removed afterwards) of the same builder's graph with the
+    bf16-rounded weights."""
+    from kvtrace.exporter import onnx_graph
+    from kvtrace.exporter.export import write_onnx
+    from kvtrace.manifest import load_manifest, write_manifest
+
+    twin = art / ".bf16-twin"
+    twin.mkdir()
+    graph, inits, _ = onnx_graph.build(cfg, _Bf16Rounded(weights), dtype="float32", layout=spec.layout,
+                                       max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend)
+    write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=False)
+    data = dict(load_manifest(art).data)
+    data["dtype"], data["external_data"], data["tokenizer"] = "float32", None, None
+    data["io"] = io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                               vocab_size=cfg.vocab_size, dtype="float32", layout=spec.layout,
+                               max_seq=spec.max_seq, max_batch=spec.max_batch)
+    write_manifest(twin, data)
+    return twin
 
 
-def validation_trace(ref_model, *, layout: str, max_seq: int) -> list[Step]:
-    """The export's sample: a ragged batch of 2 (8 and 5 tokens), then 4 decode steps."""
-    cfg = ref_model.cfg
-    steps = min(4, max_seq // 2)
-    first = min(8, max_seq - steps)
-    prompts = sample_prompts(cfg, lengths=[first, max(1, first - 3)])
-    return reference_trace(ref_model, layout=layout, prompts=prompts, steps=steps,
-                           pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+class _Bf16Rounded(Mapping):
+    """Weights rounded to bfloat16 and widened back to fp32 (for the bf16 validation twin)."""
 
+    def __init__(self, inner: Mapping):
+        self._inner = inner
 
-def check_parity(model_path: Path, trace: list[Step], cfg, *, layout: str, dtype: str, max_seq: int,
-                 tolerances: dict, log=print, sess_dtype: str | None = None) -> ParityResult:
-    """The export's final check: onnxruntime on `model_path` replays `trace`; raises
-    ParityFailure outside tolerance."""
-    t0 = time.perf_counter()
-    sess = session(model_path, prepack=False)
-    log(f"onnxruntime session ({time.perf_counter() - t0:.1f}s)")
-    t0 = time.perf_counter()
-    res = replay(sess, trace, cfg, layout=layout, dtype=sess_dtype or dtype, max_seq=max_seq)
-    del sess
-    log(f"onnxruntime vs reference: {res.summary()} ({time.perf_counter() - t0:.1f}s)")
-    if not res.finite or res.max_abs > tolerances["max_abs"] or res.top1 < tolerances["top1"]:
-        raise ParityFailure(f"{model_path}: onnxruntime output differs from the reference model: {res.summary()}; "
-                            f"tolerance for {dtype}: max |Δ| {tolerances['max_abs']}, top-1 {tolerances['top1']}")
-    return res
+    def __getitem__(self, name):
+        from kvtrace.exporter.onnx_graph import to_dtype
+
+        return to_dtype(self._inner[name], "bfloat16").astype(np.float32)
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __len__(self):
+        return len(self._inner)

@@ -16,14 +16,14 @@ Schema (format_version 1):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvtrace import io_spec
 from kvtrace.errors import KvtraceError
+from kvtrace.config import ModelConfig
+from kvtrace.files import atomic_write_text
 
 REQUIRED = ("format_version", "architecture", "config", "dtype", "onnx", "io")
 
@@ -76,8 +76,6 @@ class Manifest:
 
     def config(self):
         """The ModelConfig (models.config is pure Python, no torch)."""
-        from kvtrace.config import ModelConfig
-
         return ModelConfig.from_dict(self.data["config"])
 
     def __getitem__(self, key):
@@ -127,22 +125,39 @@ def load_manifest(artifact_dir) -> Manifest:
 
 
 def write_manifest(artifact_dir, data: dict) -> Path:
-    """Write kvtrace.json atomically (temp file in the same directory, then rename)."""
-    d = Path(artifact_dir)
-    path = manifest_path(d)
+    """Write kvtrace.json atomically (temporary file in the same directory, then rename)."""
     data = {"format_version": io_spec.FORMAT_VERSION, **data}
-    fd, tmp = tempfile.mkstemp(prefix=".kvtrace-", suffix=".json.tmp", dir=d)
+    return atomic_write_text(manifest_path(artifact_dir), json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def not_an_artifact(d: Path) -> str | None:
+    """None when `d` is an artifact directory kvtrace wrote (a kvtrace.json manifest, and nothing
+    in the directory that the manifest does not name); otherwise why not, for the message that
+    refuses to replace it (`--force` only ever replaces kvtrace's own directories)."""
+    d = Path(d)
+    path = manifest_path(d)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a manifest is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        entries = sorted(p.name for p in d.iterdir())[:3]
+        return f"it has no {io_spec.MANIFEST_NAME}" + (f" (it holds {', '.join(entries)}...)" if entries else "")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {io_spec.MANIFEST_NAME} is not a kvtrace manifest"
+    if not isinstance(data, dict) or "format_version" not in data or "kvtrace_version" not in data:
+        return f"its {io_spec.MANIFEST_NAME} is not a kvtrace manifest"
+    named = set(_strings(data)) | {io_spec.MANIFEST_NAME}
+    foreign = sorted(p.name for p in d.iterdir() if p.name not in named)
+    if foreign:
+        return f"it holds files kvtrace did not write ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})"
+    return None
+
+
+def _strings(x):
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from kvtrace.errors import KvtraceError
+from kvtrace.files import sha256_file
 
 from kvtrace.config import ConfigError, ModelConfig
 from .hf import Adapter, adapter_for, hf_shape, is_ignored, split_tensor, weight_table
@@ -323,12 +324,6 @@ def _stream_file(path: Path, entries: list[_Entry], digest, use) -> None:
             pass
 
 
-def _hash_file(path: Path, digest) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-
-
 # --------------------------------------------------------------------------- the loader
 def load_checkpoint(path, *, dtype=None, allow_pickle: bool = False) -> Loaded:
     """Load a Hugging Face checkpoint directory strictly into a `Transformer` (eval mode)."""
@@ -371,7 +366,7 @@ def load_checkpoint(path, *, dtype=None, allow_pickle: bool = False) -> Loaded:
             _check_tied(model, e, head, adapter)
     else:
         for path_ in files:
-            _hash_file(path_, digest)
+            sha256_file(path_, digest)
         for e in entries.values():
             if e.name in table:
                 take(e, e.tensor.to(dtype, copy=True))

@@ -110,12 +110,12 @@ class OrtBackend:
     """onnxruntime with IO binding, CPU or CUDA: the same code path, buffers on the device.
 
     Options: threads (intra-op threads; None: onnxruntime's default), optimization
-    ("all" | "basic" | "none"), cuda_graph (not used yet: decode steps change shapes on
-    prefill, so capture would need a separate decode session).
+    ("all" | "basic" | "none"), prepack (False: no MLAS-packed second copy of the MatMul
+    weights; slower, half the memory; export validation uses it).
     """
 
     def __init__(self, artifact_dir: Path, manifest, *, device: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", log_severity: int = 3):
+                 optimization: str = "all", log_severity: int = 3, prepack: bool = True):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -146,6 +146,8 @@ class OrtBackend:
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
         if threads:
             so.intra_op_num_threads = int(threads)
+        if not prepack:  # MLAS keeps no packed copy of the MatMul weights: one copy in memory, not two
+            so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self.session = ort.InferenceSession(str(onnx_file), sess_options=so, providers=providers)
         except Exception as e:

@@ -37,11 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from kvtrace.errors import KvtraceError
+from kvtrace.files import peak_rss_mb
 
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from .parity import make_prompts
 
 
 def cores() -> int:
@@ -54,9 +52,24 @@ def cores() -> int:
 def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int, avoid=()) -> list[list[int]]:
     """`batch` prompts of exactly `prompt_len` ids, avoiding special tokens (an early EOS
     would not stop anything here, but a pad id in a prompt means something to some models)."""
-    rng = np.random.default_rng(seed)
-    allowed = np.setdiff1d(np.arange(vocab_size), np.array([a for a in avoid if a is not None], dtype=np.int64))
-    return [rng.choice(allowed, size=prompt_len).astype(np.int64).tolist() for _ in range(batch)]
+    return make_prompts(batch, prompt_len, vocab_size, seed, avoid, ragged=False)
+
+
+def load_baseline(name: str):
+    """A comparison side for --compare NAME, found through the "kvtrace.baselines" entry points
+    (the runtime never imports torch code itself: kvtrace[export] registers "hf", transformers'
+    generate, in kvtrace/exporter/hf_baseline.py). It has load(checkpoint, threads) -> (model,
+    versions) and runner(model, prompts, new_tokens) -> run() -> (t(1 token) ms, t(N tokens) ms)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="kvtrace.baselines"):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except ImportError as e:
+                raise KvtraceError(f"--compare {name}: its baseline needs packages that are not installed ({e}); "
+                                   "pip install 'kvtrace[export,test]'") from e
+    raise KvtraceError(f"--compare {name}: no such baseline installed (kvtrace[export] provides 'hf')")
 
 
 def _median(xs) -> float:
@@ -133,7 +146,8 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
         raise KvtraceError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the artifact's "
                            f"{room} positions (export with a larger --max-seq)")
     hf_ckpt = None
-    if compare == "hf":
+    if compare:
+        baseline = load_baseline(compare)  # a missing baseline fails before any timing
         hf_ckpt = checkpoint or (manifest.get("source") or {}).get("path")
         if (manifest.get("source") or {}).get("kind") == "builtin" and not checkpoint:
             raise KvtraceError("--compare hf: this artifact was exported from a built-in configuration, which has "
@@ -168,16 +182,14 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
         runners[b] = {"ours": ours_runner(m, prompts, new_tokens)}
         runners[b]["ours"]()
         result["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-    if compare == "hf":
-        from kvtrace.exporter.hf_baseline import hf_runner, load_hf  # the torch side lives outside runtime/
-
-        model, versions = load_hf(str(hf_ckpt), n)
+    if compare:
+        model, versions = baseline.load(str(hf_ckpt), n)
         result["hf"] = {"checkpoint": str(hf_ckpt), **versions, "batches": {}}
         log(f"transformers {versions['transformers']} (torch {versions['torch']}, {versions['torch_threads']} "
             f"threads, attention {versions['attention']}) on {hf_ckpt}")
         for b in batches:
             prompts = random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid)
-            runners[b]["hf"] = hf_runner(model, prompts, new_tokens)
+            runners[b]["hf"] = baseline.runner(model, prompts, new_tokens)
             runners[b]["hf"]()
             result["hf"]["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     for b in batches:
@@ -255,7 +267,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compare", choices=["hf"], help="also time transformers' generate in the same run")
+    p.add_argument("--compare", metavar="BASELINE",
+                   help="also time a baseline in the same run, alternated: hf = transformers' generate "
+                        "(needs kvtrace[export] and transformers)")
     p.add_argument("--checkpoint", help="checkpoint for --compare hf (default: the manifest's source)")
     p.add_argument("--json", action="store_true")
 

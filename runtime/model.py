@@ -84,10 +84,6 @@ class Model:
         if not artifact_dir.is_dir():
             raise KvtraceError(f"artifact directory {artifact_dir} not found")
         manifest = _load_manifest(artifact_dir)
-        fv = _manifest_get(manifest, "format_version")
-        if not isinstance(fv, int) or fv > io_spec.FORMAT_VERSION:
-            raise KvtraceError(f"{artifact_dir / io_spec.MANIFEST_NAME}: format_version {fv!r} is newer than "
-                               f"this kvtrace understands ({io_spec.FORMAT_VERSION}); upgrade kvtrace")
         tokenizer = Tokenizer.from_manifest(artifact_dir, _manifest_get(manifest, "tokenizer", None))
         if backend == "auto":
             errors = []

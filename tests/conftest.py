@@ -3,16 +3,13 @@ the slow part of most tests, and many tests need the same artifacts."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import FIXTURES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:  # tiny_hf, runtime_toy
-    sys.path.insert(0, str(TESTS))
-FIXTURES = TESTS.parent.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +56,7 @@ def checkpoint_dir(variant: str, tmp_path_factory) -> Path:
 
             _CKPTS[variant] = convert(bin_path, tmp_path_factory.mktemp("ckpt") / "stories260K")
         else:
-            import tiny_hf
+            from tests import tiny_hf
 
             _CKPTS[variant] = tiny_hf.checkpoint(variant)
     return _CKPTS[variant]

@@ -74,7 +74,7 @@ def test_bad_options(builtin_art, capsys, args, needle):
 
 def test_compare_hf_on_a_tiny_checkpoint(exported):
     pytest.importorskip("transformers")
-    import tiny_hf
+    from tests import tiny_hf
 
     art = exported("neox_parallel_r025")  # tests/conftest.py: max_seq 64, max_batch 4
     # decode ms/token of transformers is a difference, t(N) - t(1): enough new tokens that it is

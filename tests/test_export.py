@@ -14,12 +14,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is needed to run the exported graphs")
-tiny_hf = pytest.importorskip("tiny_hf", reason="tests/tiny_hf.py (the shared transformers reference)")
 pytest.importorskip("transformers", reason="transformers builds the tiny reference checkpoints")
+
+from tests import helpers, tiny_hf  # noqa: E402
 
 import torch  # noqa: E402
 
-from kvtrace.exporter import validate  # noqa: E402
 from kvtrace.exporter.export import export_model  # noqa: E402
 from kvtrace import io_spec  # noqa: E402
 from kvtrace.manifest import load_manifest  # noqa: E402
@@ -50,10 +50,7 @@ def test_export_matches_reference(variant, dtype, layout, tmp_path):
     assert man.io["logits"] == "selected"
     assert man["source"]["sha256"] == loaded.digest
     assert man["validation"]["max_abs"] <= (1e-4 if dtype == "float32" else 0.25)
-    sess = validate.session(man.onnx_path, threads=1)
-    res = validate.compare(sess, model, layout=layout, dtype=dtype, max_seq=MAX_SEQ,
-                           prompts=validate.sample_prompts(cfg, lengths=PROMPT_LENS, seed=1), steps=STEPS,
-                           pad_id=cfg.pad_token_id or 0)
+    res = helpers.replay_against(out, model, prompts=helpers.prompts(cfg, PROMPT_LENS, seed=1), steps=STEPS)
     print(f"{variant} {dtype} {layout}: {res.summary()}")
     assert res.positions == sum(PROMPT_LENS) + 2 * STEPS
     assert res.finite
@@ -73,9 +70,8 @@ def test_portable_opset17_matches_reference(variant, tmp_path):
                        opset=17, log=lambda m: None)
     man = load_manifest(out)
     assert man["opset"] == 17 and man["graph"]["attention"] == "unfused"
-    res = validate.compare(validate.session(man.onnx_path, threads=1), loaded.model, layout="dynamic",
-                           dtype="float32", max_seq=MAX_SEQ, steps=STEPS,
-                           prompts=validate.sample_prompts(loaded.config, lengths=PROMPT_LENS, seed=1))
+    res = helpers.replay_against(out, loaded.model, prompts=helpers.prompts(loaded.config, PROMPT_LENS, seed=1),
+                                 steps=STEPS)
     print(f"{variant} opset 17: {res.summary()}")
     assert res.max_abs <= 1e-4
 
@@ -89,10 +85,12 @@ def test_export_matches_transformers(variant, tmp_path):
     out = export_model(loaded.model, tmp_path / "art", dtype="float32", layout="dynamic", max_seq=MAX_SEQ,
                        validate=False, log=lambda m: None)
     hf = tiny_hf.hf_model(variant)
-    ids = np.array([validate.sample_prompts(cfg, lengths=[20], seed=2)[0]], dtype=np.int64)
+    ids = np.array([helpers.prompts(cfg, [20], seed=2)[0]], dtype=np.int64)
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)).logits.float().numpy()
-    sess = validate.session(out / io_spec.ONNX_NAME, threads=1)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / io_spec.ONNX_NAME), providers=["CPUExecutionProvider"])
     feeds = {io_spec.INPUT_IDS: ids, io_spec.POSITION_IDS: np.arange(20, dtype=np.int64)[None],
              io_spec.LOGITS_INDEX: np.arange(20, dtype=np.int64)[None],  # every position
              io_spec.ATTENTION_MASK: np.ones((1, 20), dtype=np.int64)}
@@ -108,9 +106,7 @@ def test_export_matches_transformers(variant, tmp_path):
 def test_trained_fixture_stories260k(dtype, tmp_path):
     """Real trained weights (../shared/fixtures/stories260K.bin, a llama2.c checkpoint):
     meaningful logits, so fp16 top-1 agreement is not blurred by the near-ties of random models."""
-    from pathlib import Path
-
-    bin_path = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "stories260K.bin"
+    bin_path = helpers.FIXTURES / "stories260K.bin"
     if not bin_path.is_file():
         pytest.skip(f"fixture {bin_path} absent")
     from kvtrace.models.checkpoint import load_checkpoint
@@ -119,9 +115,8 @@ def test_trained_fixture_stories260k(dtype, tmp_path):
     loaded = load_checkpoint(convert(bin_path, tmp_path / "ckpt"))
     out = export_model(loaded.model, tmp_path / "art", dtype=dtype, layout="static", max_seq=256,
                        log=lambda m: None)
-    prompts = [[1] + validate.sample_prompts(loaded.config, lengths=[30], seed=3)[0], [1, 403, 261, 41]]
-    res = validate.compare(validate.session(out / io_spec.ONNX_NAME, threads=1), loaded.model, layout="static",
-                           dtype=dtype, max_seq=256, prompts=prompts, steps=32, pad_id=0)
+    prompts = [[1] + helpers.prompts(loaded.config, [30], seed=3)[0], [1, 403, 261, 41]]
+    res = helpers.replay_against(out, loaded.model, prompts=prompts, steps=32)
     print(f"stories260K {dtype}: {res.summary()}")
     assert res.finite
     if dtype == "float32":

@@ -23,7 +23,7 @@ def _run(capsys, *argv):
 
 
 def _tiny_ckpt(tmp_path, variant="llama_mha"):
-    tiny_hf = pytest.importorskip("tiny_hf", reason="tests/tiny_hf.py")
+    from tests import tiny_hf
     pytest.importorskip("transformers", reason="transformers builds the tiny checkpoints")
     dst = tmp_path / "ckpt"
     shutil.copytree(tiny_hf.checkpoint(variant), dst)
@@ -55,17 +55,29 @@ def test_read_only_parent(tmp_path, capsys):
     assert _entries(ro) == []
 
 
-def test_existing_out_needs_force(tmp_path, capsys):
+def test_existing_out_needs_force_and_force_replaces_only_artifacts(tmp_path, capsys):
     out = tmp_path / "art"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     rc, err = _run(capsys, "--arch", "xglm", "--out", str(out), "--max-seq", "32")
     assert rc == 2 and "already exists" in err and "--force" in err
     assert _entries(out) == ["keep.txt"]
+    # --force never deletes a directory kvtrace did not make (a user's notes)
     rc, err = _run(capsys, "--arch", "xglm", "--out", str(out), "--max-seq", "32", "--force")
+    assert rc == 2 and "will not replace" in err and "keep.txt" in err
+    assert _entries(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    # ... but replaces an artifact
+    art = tmp_path / "art2"
+    assert _run(capsys, "--arch", "xglm", "--out", str(art), "--max-seq", "32")[0] == 0
+    rc, err = _run(capsys, "--arch", "xglm", "--out", str(art), "--max-seq", "16", "--force")
     assert rc == 0, err
-    assert _entries(out) == ["kvtrace.json", "model.onnx"]
-    assert _entries(tmp_path) == ["art"]
+    assert _entries(art) == ["kvtrace.json", "model.onnx"]
+    assert json.loads((art / "kvtrace.json").read_text())["io"]["max_seq"] == 16
+    # an artifact in which the user left a file of their own is not replaced either
+    (art / "notes.md").write_text("mine")
+    rc, err = _run(capsys, "--arch", "xglm", "--out", str(art), "--max-seq", "32", "--force")
+    assert rc == 2 and "notes.md" in err and (art / "notes.md").read_text() == "mine"
+    assert _entries(tmp_path) == ["art", "art2"]
 
 
 def test_checkpoint_and_arch_disagree(tmp_path, capsys):

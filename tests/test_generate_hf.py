@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import tiny_hf  # noqa: E402
-from conftest import checkpoint_dir  # noqa: E402
+from tests import tiny_hf  # noqa: E402
+from tests.conftest import checkpoint_dir  # noqa: E402
 from kvtrace.runtime.model import Model  # noqa: E402
 
 N_NEW = 32
@@ -128,7 +128,7 @@ def test_text_through_real_tokenizer(tmp_path, capsys):
     import shutil
 
     import transformers
-    from conftest import FIXTURES
+    from tests.helpers import FIXTURES
     from kvtrace.cli import main
     from kvtrace.exporter.export import export_model
     from kvtrace.models.checkpoint import load_checkpoint

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import tiny_hf  # noqa: E402
+from tests import tiny_hf  # noqa: E402
 from kvtrace.models.checkpoint import load_checkpoint  # noqa: E402
 from kvtrace.config import ConfigError  # noqa: E402
 from kvtrace.models.hf import config_from_hf  # noqa: E402

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="transformers is the independent reference")
 
-import tiny_hf  # noqa: E402
+from tests import tiny_hf  # noqa: E402
 from kvtrace.models.checkpoint import load_checkpoint  # noqa: E402
 from kvtrace.models.transformer import DynamicCache, StaticCache  # noqa: E402
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kvtrace import cli
-from kvtrace.exporter import parity as P
+from kvtrace.runtime import parity as P
 
 STEPS, BATCH = "6", "3"
 
@@ -66,7 +66,34 @@ def test_compare_metrics_by_hand():
     assert m["kl_max"] == pytest.approx(kl0, rel=1e-5)
     assert m["kl_mean"] == pytest.approx(kl0 / 2, rel=1e-5)
     assert m["max_abs"] == pytest.approx(abs(math.log(0.25) - math.log(0.5)), rel=1e-5)
-    assert m["top1"] == 1.0 and m["positions"] == 2  # row 0: a tie in ref -> argmax 0 on both sides
+    assert m["positions"] == 2 and m["decisive"] == 1  # row 0 is an exact tie in ref: not judged
+    assert m["top1"] == 1.0 and m["top1_strict"] == 1.0
+
+
+def test_top1_ignores_near_ties_and_is_none_without_decisive_positions():
+    ref = np.array([[1.0, 1.005, 0.0], [3.0, 0.0, 0.0]], np.float32)  # row 0: margin 0.005 < TIE_MARGIN
+    got = np.array([[1.005, 1.0, 0.0], [0.0, 3.0, 0.0]], np.float32)  # both argmaxes flip
+    m = P.compare(ref, got)
+    assert m["decisive"] == 1 and m["top1"] == 0.0 and m["top1_strict"] == 0.0
+    m = P.compare(ref[:1], got[:1])  # only the near tie
+    assert m["decisive"] == 0 and m["top1"] is None
+    tol = {"max_abs": 1e-2, "max_rel": 0.0, "top1": 0.99}
+    fails, notes = P.verdict(P.summarize([m]), [m], tol)
+    assert not fails and "judged on the logit tolerances alone" in notes[0]
+    got2 = got[:1].copy()
+    got2[0, 2] = 0.5  # beyond the absolute tolerance: still judged, and fails
+    m2 = P.compare(ref[:1], got2)
+    assert P.verdict(P.summarize([m2]), [m2], tol)[0]
+
+
+def test_relative_tolerance_scales_with_the_logits():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 20, size=(3, 100)).astype(np.float32)  # logits spanning ~100 units
+    got = ref + rng.normal(0, 0.3, size=ref.shape).astype(np.float32)  # ~1.5% of the spread
+    m = P.compare(ref, got)
+    tol = {"max_abs": 0.5, "max_rel": 0.1, "top1": 0.0}
+    assert m["max_abs"] > 0.5 and not P.verdict(P.summarize([m]), [m], tol)[0]  # passes on the relative bound
+    assert P.verdict(P.summarize([m]), [m], {**tol, "max_rel": 0.0})[0]  # fails on the absolute one alone
 
 
 def test_nan_logits_fail_the_verdict():
@@ -75,8 +102,8 @@ def test_nan_logits_fail_the_verdict():
     got[1, 2] = np.nan
     m = P.compare(ref, got)
     assert not m["finite"]
-    summary = {**m, "greedy_match": True}
-    assert P.verdict(summary, {"max_abs": 1e-3, "top1": 0.99})
+    fails, _ = P.verdict(P.summarize([m]), [m], {"max_abs": 1e-3, "max_rel": 1e-3, "top1": 0.99})
+    assert fails and "non-finite" in fails[0]
 
 
 def test_prompts_deterministic_ragged_and_free_of_special_tokens():
@@ -125,9 +152,10 @@ def test_one_perturbed_weight_fails(builtin_art, tmp_path, capsys):
 
 def test_tolerance_override(builtin_art, tmp_path, capsys):
     # a tolerance tighter than the real fp32 rounding fails the good artifact ...
-    rc = cli.main(["parity", str(builtin_art), "--steps", "2", "--batch", BATCH, "--max-abs", "1e-12"])
+    rc = cli.main(["parity", str(builtin_art), "--steps", "2", "--batch", BATCH, "--max-abs", "1e-12",
+                   "--max-rel", "0"])
     out = capsys.readouterr().out
-    assert rc == 1 and "max |Δlogit| <= 1e-12" in out
+    assert rc == 1 and "|Δlogit| <= max(1e-12, 0 x std" in out
     # ... and a looser one lets the 10%-perturbed artifact through on max |Δ| (top-1 still judged)
     bad = tmp_path / "bad"
     perturb_one_row(builtin_art, bad)
@@ -135,7 +163,7 @@ def test_tolerance_override(builtin_art, tmp_path, capsys):
     cli.main(["parity", str(bad), "--steps", "2", "--batch", BATCH, "--max-abs", "100", "--min-top1", "0",
               "--json", str(report)])
     r = json.loads(report.read_text())
-    assert r["tolerance"] == {"max_abs": 100.0, "top1": 0.0} and r["passed"] is True
+    assert r["tolerance"]["max_abs"] == 100.0 and r["tolerance"]["top1"] == 0.0 and r["passed"] is True
 
 
 def test_against_hf_refused_for_builtin(builtin_art, capsys):
@@ -165,7 +193,7 @@ def test_fp16_artifact_judged_by_the_fp16_row(tmp_path, capsys):
                                              ("xglm_scaled", "dynamic")])
 def test_against_hf_and_torch_on_a_transformers_checkpoint(variant, layout, exported, tmp_path, capsys):
     pytest.importorskip("transformers")
-    import tiny_hf
+    from tests import tiny_hf
 
     # tests/conftest.py: the tiny checkpoint through the real loader and exporter
     art = exported(variant, layout=layout)

@@ -19,7 +19,7 @@ from kvtrace import io_spec
 from kvtrace.errors import KvtraceError
 from kvtrace.runtime.model import Model
 from kvtrace.runtime.sampling import SamplingParams, next_tokens, probabilities
-from runtime_toy import build_toy, cache_contents
+from tests.runtime_toy import build_toy, cache_contents
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from kvtrace.cli import main
 from kvtrace import io_spec
 from kvtrace.errors import KvtraceError
 from kvtrace.runtime.model import Model
-from runtime_toy import build_toy
+from tests.runtime_toy import build_toy
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def _build(capsys, art: Path, *extra) -> dict:
 
 
 def _cases():
-    import tiny_hf
+    from tests import tiny_hf
 
     cases = [("builtin", a) for a in configs.BUILTIN] + [("hf", v) for v in tiny_hf.VARIANTS]
     return [(k, n, d) for k, n in cases for d in ("float16", "float32")] + [("builtin", "gpt_neox", "bfloat16")]
