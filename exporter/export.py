@@ -254,6 +254,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log)
         tok = _copy_tokenizer(tok_path, tokenizer, tmp)
         manifest = _manifest(cfg, spec, graph_info, external, tok, source)
+        manifest["files"] = manifest_mod.file_digests(tmp, [p.name for p in sorted(tmp.iterdir())])
         write_manifest(tmp, manifest)
         if spec.validate:
             from kvtrace.exporter import validate

@@ -11,7 +11,9 @@ Schema (format_version 1):
    "source": {"kind": "builtin"|"checkpoint", "path", "sha256", "seed"},
    "graph": {"attention": "fused"|"unfused", "rotary": "fused"|"unfused"|null,
              "cache_update": "TensorScatter"|"concat"},
-   "validation": {...} (what the exporter checked), "tensorrt": {...} (added by `kvtrace build`)}
+   "validation": {...} (what the exporter checked), "tensorrt": {...} (added by `kvtrace build`),
+   "files": {name: {"bytes", "sha256"}} for every file of the artifact (format_version 1 artifacts
+            written before this entry existed lack it)}
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Any
 from kvtrace import io_spec
 from kvtrace.errors import KvtraceError
 from kvtrace.config import ModelConfig
-from kvtrace.files import atomic_write_text
+from kvtrace.files import atomic_write_text, sha256_file
 
 REQUIRED = ("format_version", "architecture", "config", "dtype", "onnx", "io")
 
@@ -128,6 +130,13 @@ def write_manifest(artifact_dir, data: dict) -> Path:
     """Write kvtrace.json atomically (temporary file in the same directory, then rename)."""
     data = {"format_version": io_spec.FORMAT_VERSION, **data}
     return atomic_write_text(manifest_path(artifact_dir), json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def file_digests(artifact_dir, names) -> dict:
+    """{"model.onnx": {"bytes": N, "sha256": hex}, ...}: the manifest's "files" entry, which
+    lets a loader notice a truncated or corrupted artifact file."""
+    d = Path(artifact_dir)
+    return {n: {"bytes": (d / n).stat().st_size, "sha256": sha256_file(d / n)} for n in names}
 
 
 def not_an_artifact(d: Path) -> str | None:
