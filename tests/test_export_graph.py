@@ -153,10 +153,9 @@ def test_static_max_seq_512_matches_reference(arch, tmp_path):
 
 
 def test_fp32_attention_has_no_softmax_precision():
-    g = _graph("llama", "float32")
-    for n in g.graph.node:
-        if n.op_type == "Attention":
-            assert "softmax_precision" not in {a.name for a in n.attribute}
+    attn = [n for n in _graph("llama", "float32").graph.node if n.op_type == "Attention"]
+    assert len(attn) == configs.BUILTIN["llama"].n_layers
+    assert all("softmax_precision" not in {a.name for a in n.attribute} for n in attn)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -286,11 +286,17 @@ def test_known_buffers_ignored_and_tied_head_checked(tmp_path):
         t["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
         t["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = torch.ones(2)
     _rewrite(ck, add_buffers)
-    load_checkpoint(ck)  # accepted
+    # accepted, and the buffers change nothing: every parameter as in the checkpoint without them
+    ours = dict(load_checkpoint(ck).model.named_parameters())
+    ref = dict(load_checkpoint(tiny_hf.checkpoint("neox_parallel_r025")).model.named_parameters())
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
 
     tied = _copy("starcoder2_nobias", tmp_path, "tied")
     _rewrite(tied, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
-    load_checkpoint(tied)  # a stored head equal to the embedding is fine
+    ld = load_checkpoint(tied)  # a stored head equal to the embedding is fine: it stays tied
+    plain = load_checkpoint(tiny_hf.checkpoint("starcoder2_nobias")).model
+    assert ld.config.tie_word_embeddings and ld.model.lm_head is None
+    assert torch.equal(ld.model.embed.weight, plain.embed.weight)
     _rewrite(tied, lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"] + 1))
     with pytest.raises(KvtraceError, match=r"'lm_head\.weight' differs from the embedding.*tie_word_embeddings"):
         load_checkpoint(tied)
