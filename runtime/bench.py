@@ -127,17 +127,12 @@ def _read_manifest(artifact: str) -> dict:
     return load_manifest(artifact).data
 
 
-def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int = 128, new_tokens: int = 64,
-          repeats: int = 3, compare: str | None = None, checkpoint: str | None = None, seed: int = 0,
-          log=None) -> dict:
-    """Run the benchmark; returns the JSON-able result dict."""
-    log = log or (lambda s: None)
+def _check_options(manifest: dict, batches, prompt_len: int, new_tokens: int, repeats: int) -> None:
     for name, v, lo in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1)):
         if v < lo:
             raise KvtraceError(f"{name} {v}: must be >= {lo}")
     if any(b < 1 for b in batches):
         raise KvtraceError(f"--batch {list(batches)}: batch sizes must be >= 1")
-    manifest = _read_manifest(artifact)
     cfg, io = manifest["config"], manifest.get("io") or {}
     if io.get("max_batch") and max(batches) > io["max_batch"]:
         raise KvtraceError(f"--batch {max(batches)}: the artifact takes at most {io['max_batch']} rows")
@@ -145,18 +140,51 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
     if prompt_len + new_tokens > room:
         raise KvtraceError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the artifact's "
                            f"{room} positions (export with a larger --max-seq)")
-    hf_ckpt = None
-    if compare:
-        baseline = load_baseline(compare)  # a missing baseline fails before any timing
-        hf_ckpt = checkpoint or (manifest.get("source") or {}).get("path")
-        if (manifest.get("source") or {}).get("kind") == "builtin" and not checkpoint:
-            raise KvtraceError("--compare hf: this artifact was exported from a built-in configuration, which has "
-                               "no Hugging Face checkpoint; pass --checkpoint DIR")
-        if not hf_ckpt or not (Path(hf_ckpt) / "config.json").is_file():
-            raise KvtraceError(f"--compare hf: checkpoint {hf_ckpt}: no config.json there; pass --checkpoint DIR")
 
+
+def _baseline_checkpoint(manifest: dict, compare: str, checkpoint: str | None) -> str:
+    src = manifest.get("source") or {}
+    if src.get("kind") == "builtin" and not checkpoint:
+        raise KvtraceError(f"--compare {compare}: this artifact was exported from a built-in configuration, which "
+                           "has no Hugging Face checkpoint; pass --checkpoint DIR")
+    path = checkpoint or src.get("path")
+    if not path or not (Path(path) / "config.json").is_file():
+        raise KvtraceError(f"--compare {compare}: checkpoint {path}: no config.json there; pass --checkpoint DIR")
+    return str(path)
+
+
+def _interleaved(runners: dict, repeats: int) -> dict:
+    """{side: [run(), ...]}: the sides alternate run by run, so a change of load hits both alike."""
+    runs = {side: [] for side in runners}
+    for _ in range(repeats):
+        for side, run in runners.items():
+            runs[side].append(run())
+    return runs
+
+
+def _flat(batches: dict) -> dict:
+    """batch size -> number views (for CI) of prefill, decode and throughput."""
+    return {k: {b: v[k] for b, v in batches.items()} for k in ("prefill_ms", "decode_ms_per_token", "tokens_per_s")}
+
+
+def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int = 128, new_tokens: int = 64,
+          repeats: int = 3, compare: str | None = None, checkpoint: str | None = None, seed: int = 0,
+          log=None) -> dict:
+    """Run the benchmark; returns the JSON-able result dict.
+
+    Warm-ups first (sessions, allocators, page faults of the weights), reading our peak RSS before
+    the baseline is even loaded; then the timed runs, ours and the baseline's interleaved."""
+    log = log or (lambda s: None)
+    manifest = _read_manifest(artifact)
+    _check_options(manifest, batches, prompt_len, new_tokens, repeats)
+    baseline = ckpt = None
+    if compare:  # a missing baseline or checkpoint fails before any timing
+        baseline = load_baseline(compare)
+        ckpt = _baseline_checkpoint(manifest, compare, checkpoint)
+    cfg, io = manifest["config"], manifest.get("io") or {}
     n = cores()
     avoid = (cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id"))
+    prompts = {b: random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid) for b in batches}
     rss0 = peak_rss_mb()
     m, thread_note = load_model(artifact, backend, n)
     result = {
@@ -173,30 +201,21 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
     }
     log(f"kvtrace bench {artifact}: backend {result['backend']}, {n} cores; onnxruntime intra-op threads: "
         f"{thread_note}; load average {result['load_avg_start']:.2f}")
-    # warm-ups first (sessions, allocators, page faults of the weights), reading ours' peak RSS
-    # before transformers is even loaded; then the timed runs, ours and transformers'
-    # interleaved run by run, so a change of load on a shared machine hits both sides alike
-    runners = {}
+    runners = {b: {"ours": ours_runner(m, prompts[b], new_tokens)} for b in batches}
     for b in batches:
-        prompts = random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid)
-        runners[b] = {"ours": ours_runner(m, prompts, new_tokens)}
-        runners[b]["ours"]()
+        runners[b]["ours"]()  # warm-up
         result["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-    if compare:
-        model, versions = baseline.load(str(hf_ckpt), n)
-        result["hf"] = {"checkpoint": str(hf_ckpt), **versions, "batches": {}}
+    if baseline is not None:
+        model, versions = baseline.load(ckpt, n)
+        result["hf"] = {"checkpoint": ckpt, **versions, "batches": {}}
         log(f"transformers {versions['transformers']} (torch {versions['torch']}, {versions['torch_threads']} "
-            f"threads, attention {versions['attention']}) on {hf_ckpt}")
+            f"threads, attention {versions['attention']}) on {ckpt}")
         for b in batches:
-            prompts = random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid)
-            runners[b]["hf"] = baseline.runner(model, prompts, new_tokens)
-            runners[b]["hf"]()
+            runners[b]["hf"] = baseline.runner(model, prompts[b], new_tokens)
+            runners[b]["hf"]()  # warm-up
             result["hf"]["batches"][str(b)] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     for b in batches:
-        runs = {side: [] for side in runners[b]}
-        for _ in range(repeats):
-            for side, run in runners[b].items():
-                runs[side].append(run())
+        runs = _interleaved(runners[b], repeats)
         o = result["batches"][str(b)]
         o.update(summarize_ours(runs["ours"]))
         o["tokens_per_s"] = b * 1e3 / o["decode_ms_per_token"]
@@ -206,22 +225,13 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
             h = result["hf"]["batches"][str(b)]
             h.update(summarize_hf(runs["hf"], new_tokens))
             h["tokens_per_s"] = b * 1e3 / h["decode_ms_per_token"]
-            o["ratio_vs_hf"] = {
-                "prefill_ms": o["prefill_ms"] / h["prefill_ms"],
-                "decode_ms_per_token": o["decode_ms_per_token"] / h["decode_ms_per_token"],
-                "tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
-            }
+            o["ratio_vs_hf"] = {k: o[k] / h[k] for k in ("prefill_ms", "decode_ms_per_token", "tokens_per_s")}
             log(f"  hf    batch {b}: prefill {h['prefill_ms']:.1f} ms, decode {h['decode_ms_per_token']:.2f} "
                 f"ms/token, {h['tokens_per_s']:.1f} tokens/s")
     result["load_avg_end"] = os.getloadavg()[0]
-    # flat views for CI: batch size -> number
-    result["prefill_ms"] = {k: v["prefill_ms"] for k, v in result["batches"].items()}
-    result["decode_ms_per_token"] = {k: v["decode_ms_per_token"] for k, v in result["batches"].items()}
-    result["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in result["batches"].items()}
+    result.update(_flat(result["batches"]))
     if "hf" in result:
-        result["hf"]["prefill_ms"] = {k: v["prefill_ms"] for k, v in result["hf"]["batches"].items()}
-        result["hf"]["decode_ms_per_token"] = {k: v["decode_ms_per_token"] for k, v in result["hf"]["batches"].items()}
-        result["hf"]["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in result["hf"]["batches"].items()}
+        result["hf"].update(_flat(result["hf"]["batches"]))
         result["ratio_vs_hf"] = {k: v["ratio_vs_hf"] for k, v in result["batches"].items()}
     return result
 
