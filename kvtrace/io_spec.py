@@ -1,28 +1,8 @@
 """The one I/O contract: graph tensor names, dtypes, dynamic axes and cache layouts.
 
-Used by the ONNX exporter (graph inputs/outputs), the TensorRT builder (profiles), the
-runtime (buffers and bindings) and the tests. It lives in `runtime/` because the runtime
-ships alone (no torch, no exporter); the exporter imports it from here.
-
-Graph I/O, both layouts (B = batch, T = new tokens this call):
-  input_ids      int64 (B, T)
-  position_ids   int64 (B, T)   position of each new token; in the static layout row b's
-                                 tokens are written at slots position_ids[b, 0] + t
-  logits_index   int64 (B, K)   per row, the indices in [0, T) of this call's new tokens whose
-                                 logits are computed (the final hidden states are gathered
-                                 before the lm_head): arange(T) for scoring/parity (every
-                                 position), len_b - 1 (K = 1) for a generation prefill, zeros
-                                 (B, 1) for a decode step. Artifacts exported before this input
-                                 existed lack it (manifest io "logits": "all_positions", K = T).
-  logits         float32 (B, K, V)  the selected positions only (manifest io "logits": "selected")
-static layout (fixed S = max_seq; caches are graph inputs and outputs that alias them):
-  past_key_values.{i}.key / .value   dtype (B, n_kv, S, hd)
-  present.{i}.key / .value           dtype (B, n_kv, S, hd)  -- TensorScatter output, bind to
-                                                               the same buffer as the input
-dynamic layout (P = cached tokens):
-  attention_mask int64 (B, P + T)  1 real token, 0 padding
-  past_key_values.{i}.key / .value   dtype (B, n_kv, P, hd)
-  present.{i}.key / .value           dtype (B, n_kv, P + T, hd)
+Used by the ONNX exporter (graph inputs/outputs), the TensorRT builder (profiles), the runtime
+(buffers and bindings) and the tests. The contract is described in docs/architecture.md (the
+table of tensors, the static and dynamic cache layouts); this module is its code.
 """
 from __future__ import annotations
 
