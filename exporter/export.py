@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtrace import configs
-from kvtrace.exporter import onnx_graph
+from kvtrace.exporter import gpu_form, onnx_graph
 from kvtrace import io_spec
 from kvtrace.config import ARCHITECTURES
 from kvtrace.errors import KvtraceError
@@ -174,6 +174,9 @@ def skeleton(model, inits):
 
 
 # ----------------------------------------------------------------------------- export
+TARGETS = ("cpu", "gpu")
+
+
 def default_out(arch: str, dtype: str, layout: str) -> Path:
     return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
 
@@ -181,12 +184,14 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
 def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "static", max_seq: int | None = None,
                  max_batch: int | None = None, opset: int = configs.DEFAULT_OPSET, tokenizer=None,
                  source: dict | None = None, validate: bool = True, external_data: bool = False,
-                 force: bool = False, release_weights: bool = False, log=None) -> Path:
+                 force: bool = False, release_weights: bool = False, target: str = "cpu", log=None) -> Path:
     """Export `model` (a models.transformer.Transformer) to the artifact directory `out_dir`.
 
     tokenizer: None, a path to a tokenizer.json to copy, or "builtin-bytes".
     release_weights: free the model's parameters once they are written (the model is unusable
     afterwards): the onnxruntime validation then does not hold a second copy of the weights.
+    target: "cpu" (model.onnx) or "gpu" (also model.gpu.onnx, the GPU form of exporter/gpu_form.py,
+    sharing the weights in model.onnx.data; needs the static cache).
     Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation);
     in both cases nothing is left at `out_dir` or beside it.
     """
@@ -199,6 +204,10 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
     onnx_graph.check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
     if max_batch < 1:
         raise KvtraceError(f"--max-batch {max_batch}: must be a positive integer")
+    if target not in TARGETS:
+        raise KvtraceError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    if target == "gpu" and layout != "static":
+        raise KvtraceError("--target gpu needs --cache static (the GPU form attends over the whole static cache)")
     tok_path = None
     if tokenizer not in (None, "builtin-bytes"):
         tok_path = Path(tokenizer)
@@ -215,13 +224,19 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
         graph, inits, graph_info = onnx_graph.build(cfg, TorchWeights(model), dtype=dtype, layout=layout,
                                                    max_seq=max_seq, opset=opset)
         n_bytes = sum(t.nbytes for t in inits)
-        external = bool(external_data) or n_bytes + (1 << 20) >= TWO_GB
+        # the GPU form shares the weight file: a second graph costs kilobytes, not a second copy
+        external = bool(external_data) or target == "gpu" or n_bytes + (1 << 20) >= TWO_GB
         log(f"built graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
             f"({time.perf_counter() - t0:.2f}s)")
         t0 = time.perf_counter()
         size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external)
         log(f"wrote {io_spec.ONNX_NAME}{' + ' + DATA_NAME if external else ''}: {size / 1e6:.1f} MB "
             f"({time.perf_counter() - t0:.2f}s)")
+        graphs = gpu_sk = None
+        if target == "gpu":
+            gpu_info, gpu_sk = gpu_form.write(cfg, TorchWeights(model), tmp, dtype=dtype, max_seq=max_seq, opset=opset)
+            graphs = {gpu_form.FORM: gpu_info}
+            log(f"wrote {gpu_form.GPU_ONNX_NAME} (attention over the whole cache, weights shared)")
 
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
@@ -239,6 +254,10 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
                                    max_seq=max_seq, log=log, release_weights=release_weights)
         elif release_weights:
             _release(model)
+        if gpu_sk is not None and validate:
+            validation["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME)
+            log(f"validate: {gpu_form.GPU_ONNX_NAME}: {validation['gpu']['method']}")
+        del gpu_sk
         from kvtrace import __version__
 
         manifest = {
@@ -259,6 +278,8 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
             "graph": graph_info,
             "validation": validation,
         }
+        if graphs:
+            manifest["graphs"] = graphs  # other graph forms beside model.onnx (kvtrace/manifest.py)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out, force)
     except BaseException as e:
@@ -444,6 +465,9 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check against the reference")
+    p.add_argument("--target", choices=TARGETS, default="cpu",
+                   help="gpu: also write model.gpu.onnx, the form with value-independent shapes that "
+                        "onnxruntime-cuda uses (CUDA graphs); implies --external-data")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
 
 
@@ -489,7 +513,8 @@ def main(args) -> int:
     out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout)
     export_model(model, out, dtype=dtype, layout=layout, max_seq=max_seq, max_batch=args.max_batch,
                  opset=opset, tokenizer=tokenizer, source=source, validate=not args.no_validate,
-                 external_data=args.external_data, force=args.force, release_weights=True)
+                 external_data=args.external_data, force=args.force, release_weights=True,
+                 target=args.target)
     _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {_peak_rss_mb():.0f} MB)")
     print(out)
     return 0
