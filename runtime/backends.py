@@ -45,7 +45,7 @@ _FEED_DTYPE = {np.dtype(np.int64): "int64", np.dtype(np.int32): "int32", np.dtyp
 
 # The oldest onnxruntime-gpu seen running this project's graphs on CUDA: Attention-24 (bool mask,
 # GQA), RotaryEmbedding-23 and TensorScatter-24 on the CUDA provider with CPU fallback disabled
-# (1.31.1, CUDA 13 build, H100; /work/shared/DESIGN.md). Older builds place Attention on the CPU
+# (1.31.1, CUDA 13 build, H100; the project's design notes). Older builds place Attention on the CPU
 # (1.24.x) or register a CUDA Attention kernel that throws at *run* time on bool masks, GQA or
 # softmax_precision, which no placement check can see; see docs/gpu.md for the history.
 MIN_ORT_GPU = (1, 31, 1)

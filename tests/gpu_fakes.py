@@ -96,7 +96,7 @@ def fake_tensorrt(onnx_file: Path, stub: StubCuda, *, version: str = "10.15.1", 
     out_names = [o.name for o in sess.get_outputs()]
     aliases = aliases or {}
     calls = {"profiles": [], "enqueues": 0, "replays": 0, "streams": set(), "raise_on_profile": False,
-             "invalidate_capture": False}
+             "invalidate_capture": False, "perturb": 0.0}
     captured: dict[int, tuple[dict, dict]] = {}
     trt = types.SimpleNamespace(__version__=version)
 
@@ -114,6 +114,8 @@ def fake_tensorrt(onnx_file: Path, stub: StubCuda, *, version: str = "10.15.1", 
     def compute(addr: dict, shape: dict, write: bool = True) -> dict:
         feeds = {n: device_array(addr[n], shape[n], io[n][1]).copy() for n in io if io[n][0] == "in"}
         res = dict(zip(out_names, sess.run(None, feeds)))
+        if calls["perturb"]:  # a broken engine, for tests that must fail
+            res["logits"] = res["logits"] + np.float32(calls["perturb"])
         if write:
             for name, arr in res.items():
                 if aliases.get(name) and addr[name] != addr[aliases[name]]:

@@ -12,6 +12,7 @@ show is in docs/gpu.md.
 from __future__ import annotations
 
 import ctypes
+import json
 import threading
 
 import numpy as np
@@ -390,6 +391,13 @@ def test_ort_cuda_strict_session_graph_ids_and_fixed_buffers(gpu_art, fake_ort):
     assert set(g["buffers"]) == {io_spec.INPUT_IDS, io_spec.POSITION_IDS, io_spec.LOGITS_INDEX, io_spec.LOGITS,
                                  *[n for pair in io_spec.cache_pairs(m.config.n_layers) for n in pair]}
     assert fake.syncs >= 2 * (STEPS + 1)
+    # --no-cuda-graph / --allow-cpu-nodes reach the backend from the command line
+    from kvtrace.runtime import generate_cli
+
+    args = type("A", (), {"allow_cpu_nodes": True, "no_cuda_graph": True})()
+    m2 = Model.load(gpu_art, backend="onnxruntime-cuda", **generate_cli.gpu_options(args))
+    assert not m2.backend.cuda_graph and "enable_cuda_graph" not in fake.sessions[-1]["options"]["CUDAExecutionProvider"]
+    m2.close()
     # a new batch size: its own graph; the same size again later: new caches, so a new id
     _drive(m, steps=2, prompts=PROMPTS[:2])
     _drive(m, steps=2)
@@ -423,6 +431,10 @@ def test_ort_cuda_provider_failure_version_and_auto(gpu_art, fake_ort, capsys):
     m = Model.load(gpu_art)
     assert m.backend_name == "onnxruntime" and m.skipped_backends[0].startswith("onnxruntime-cuda:")
     m.close()
+    from kvtrace import cli
+
+    assert cli.main(["generate", str(gpu_art), "--input-ids", "5,6", "--max-new-tokens", "2", "--json"]) == 0
+    assert "kvtrace: note: backend onnxruntime-cuda: " in capsys.readouterr().err  # never silently
     fake_ort(version="1.24.4")
     with pytest.raises(KvtraceError, match=r"1.24.4 is older than 1.31.1"):
         Model.load(gpu_art, backend="onnxruntime-cuda")
@@ -457,3 +469,50 @@ def test_probe_model_is_valid_onnx():
 
     s = ort.InferenceSession(backends._probe_model(), providers=["CPUExecutionProvider"])
     assert s.run(None, {"x": np.arange(4, dtype=np.float32)})[0].tolist() == [0, 2, 4, 6]
+
+
+# ------------------------------------------------------------------ kvtrace gpu-check
+def test_gpu_check_without_gpu(gpu_art, tmp_path, monkeypatch, capsys):
+    from kvtrace import cli
+
+    monkeypatch.setattr(cuda_driver, "LIBCUDA_NAMES", (str(tmp_path / "no-libcuda.so"),))
+    out = tmp_path / "report.json"
+    assert cli.main(["gpu-check", str(gpu_art), "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvtrace: error: no usable GPU here:") and "libcuda" in err[0]
+    rep = json.loads(out.read_text())
+    assert set(rep) == {"gpu_available", "reason"} and rep["gpu_available"] is False and "libcuda" in rep["reason"]
+    # bad input is reported as such, GPU or not, and nothing is written
+    assert cli.main(["gpu-check", str(tmp_path / "nope"), "--json", str(tmp_path / "r2.json")]) == 2
+    assert "not an artifact directory" in capsys.readouterr().err and not (tmp_path / "r2.json").exists()
+    assert cli.main(["gpu-check", str(gpu_art), "--json", str(tmp_path / "no" / "dir.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_gpu_check_report_on_fakes(stub, trt_art, fake_ort, monkeypatch, tmp_path, capsys):
+    """The whole report, driven through the stub driver, the fake TensorRT and the fake
+    onnxruntime-CUDA: every check runs and passes; a broken engine fails parity (exit 1)."""
+    from kvtrace import cli
+    from kvtrace.runtime import gpu_check
+
+    calls = _trt(monkeypatch, stub, trt_art)
+    fake_ort()
+    rep = gpu_check.gpu_check(trt_art, steps=4, repeats=1, prompt_len=8, log=lambda s: None)
+    assert rep["gpu_available"] and rep["ok"], rep["failed"]
+    assert rep["device"]["devices"][0]["name"] == "Stub GPU" and rep["device"]["driver_cuda_version"] == "13.0"
+    assert rep["versions"]["onnxruntime_cuda"]["usable"] and rep["versions"]["tensorrt"]["version"] == "10.15.1"
+    ort_r, trt_r = rep["backends"]["onnxruntime-cuda"], rep["backends"]["tensorrt"]
+    assert set(ort_r["checks"]) == {"placement", "parity_vs_cpu", "in_place_cache", "cuda_graph_replay"}
+    assert set(trt_r["checks"]) == {"parity_vs_cpu", "in_place_cache", "cuda_graph_replay"}
+    assert ort_r["graph_file"] == "model.gpu.onnx" and ort_r["checks"]["parity_vs_cpu"]["max_abs"] <= 1e-5
+    assert trt_r["checks"]["cuda_graph_replay"]["captured"] and trt_r["checks"]["in_place_cache"]["same_addresses"]
+    assert trt_r["checks"]["parity_vs_cpu"]["positions"] == sum(rep["settings"]["prompt_lengths"]) + 4 * 3
+    assert len(trt_r["timings"]) == 2 and all(t["decode_ms_per_token"] > 0 for t in trt_r["timings"].values())
+    # the command: report file and exit 0; a broken engine: exit 1 naming the failed check
+    out = tmp_path / "r.json"
+    assert cli.main(["gpu-check", str(trt_art), "--steps", "3", "--repeats", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["ok"] and "all checks passed" in capsys.readouterr().out
+    calls["perturb"] = 0.05
+    assert cli.main(["gpu-check", str(trt_art), "--steps", "3", "--repeats", "1", "--backends", "tensorrt"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL tensorrt parity_vs_cpu" in text and "FAILED: tensorrt: parity_vs_cpu" in text
