@@ -233,7 +233,7 @@ def _zero_device(ov, nbytes: int, device_id: int) -> None:
     """Zero a CUDA OrtValue's memory on the device (cuMemsetD8 through the CUDA driver: the
     onnxruntime Python API has no memset, and zeros copied up from the host would cost a
     host->device transfer of the whole buffer)."""
-    from .trt_backend import memset_device
+    from .cuda_driver import memset_device
 
     memset_device(ov.data_ptr(), nbytes, device_id)
 

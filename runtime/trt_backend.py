@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends import NUMPY_STORAGE, register_backend, version_tuple
-from .cuda_driver import CudaDriver, DeviceBuffer, HostBuffer, gpu_compute_capability, memset_device  # noqa: F401
+# gpu_compute_capability: re-exported for `kvtrace build` (exporter/trt.py) and the tests
+from .cuda_driver import CudaDriver, DeviceBuffer, HostBuffer, gpu_compute_capability  # noqa: F401
 from kvtrace.errors import KvtraceError
 
 # Module names, in the order they are tried: the full TensorRT first (it runs on every

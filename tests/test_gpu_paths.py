@@ -31,8 +31,6 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def gpu_art(tmp_path_factory):
     """A static-cache llama artifact (GQA, rope) with the GPU form, tokenizer builtin-bytes."""
-    import torch  # noqa: F401 - the exporter needs it
-
     from kvtrace import configs
     from kvtrace.exporter.export import export_model
     from kvtrace.models.transformer import random_model
