@@ -20,7 +20,7 @@ import numpy as np
 
 from kvtrace import configs, files
 from kvtrace import manifest as manifest_mod
-from kvtrace.exporter import onnx_graph
+from kvtrace.exporter import gpu_form, onnx_graph
 from kvtrace import io_spec
 from kvtrace.config import ARCHITECTURES
 from kvtrace.errors import KvtraceError
@@ -179,6 +179,9 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
     return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
 
 
+TARGETS = ("cpu", "gpu")
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """What one export writes, with every default filled and every option checked once
@@ -189,17 +192,23 @@ class ExportSpec:
     max_batch: int = configs.DEFAULT_MAX_BATCH
     opset: int = configs.DEFAULT_OPSET
     attend: str = "used"  # static cache: "used" (CPU: slots in use) or "full" (GPU: value-independent shapes)
+    target: str = "cpu"  # "gpu": also model.gpu.onnx (exporter/gpu_form.py), sharing the weight file
     external_data: bool = False
     validate: bool = True
 
     @classmethod
     def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
-             attend="used", external_data=False, validate=True) -> "ExportSpec":
+             attend="used", target="cpu", external_data=False, validate=True) -> "ExportSpec":
+        if target not in TARGETS:
+            raise KvtraceError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+        if target == "gpu" and layout != "static":
+            raise KvtraceError("--target gpu needs --cache static (the GPU form attends over the whole static cache)")
         spec = cls(dtype=dtype, layout=layout,
                    max_seq=configs.default_max_seq(cfg) if max_seq is None else max_seq,
                    max_batch=configs.DEFAULT_MAX_BATCH if max_batch is None else max_batch,
-                   opset=configs.DEFAULT_OPSET if opset is None else opset,
-                   attend=attend, external_data=bool(external_data), validate=bool(validate))
+                   opset=configs.DEFAULT_OPSET if opset is None else opset, attend=attend, target=target,
+                   # the GPU form shares the weight file: a second graph costs kilobytes, not a second copy
+                   external_data=bool(external_data) or target == "gpu", validate=bool(validate))
         onnx_graph.check_options(cfg, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset)
         if not isinstance(spec.max_batch, int) or spec.max_batch < 1:
             raise KvtraceError(f"--max-batch {spec.max_batch!r}: must be a positive integer")
@@ -252,8 +261,15 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     tmp, made_parents = files.staging_dir(out)
     try:
         graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log)
+        gpu_sk = None
+        if spec.target == "gpu":
+            gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, dtype=spec.dtype, max_seq=spec.max_seq,
+                                              opset=spec.opset)
+            log(f"wrote {gpu_form.GPU_ONNX_NAME} (attention over the whole cache, weights shared)")
         tok = _copy_tokenizer(tok_path, tokenizer, tmp)
         manifest = _manifest(cfg, spec, graph_info, external, tok, source)
+        if gpu_sk is not None:
+            manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
         manifest["files"] = manifest_mod.file_digests(tmp, [p.name for p in sorted(tmp.iterdir())])
         write_manifest(tmp, manifest)
         if spec.validate:
@@ -262,10 +278,13 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             manifest["validation"] = validate.validate_artifact(
                 tmp, graph, inits, cfg, weights, reference, spec=spec, release=release,
                 log=lambda m: log("validate: " + m))
+            if gpu_sk is not None:
+                manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME)
+                log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
             write_manifest(tmp, manifest)
         elif release is not None:
             release()
-        del inits
+        del inits, gpu_sk
         files.replace_dir(tmp, out, force=force, is_ours=manifest_mod.not_an_artifact)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,6 +380,9 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check against the reference")
+    p.add_argument("--target", choices=TARGETS, default="cpu",
+                   help="gpu: also write model.gpu.onnx, the form with value-independent shapes that "
+                        "onnxruntime-cuda and TensorRT use (CUDA graphs); implies --external-data")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
 
 
@@ -397,7 +419,8 @@ def main(args) -> int:
         tokenizer = "builtin-bytes"
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
     spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
-                           opset=args.opset, external_data=args.external_data, validate=not args.no_validate)
+                           opset=args.opset, target=args.target, external_data=args.external_data,
+                           validate=not args.no_validate)
     if model is None:  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)
     _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")

@@ -99,15 +99,10 @@ def _onnx_bytes(onnx_file: Path) -> tuple[bytes, list[str]]:
     """model.onnx without its external weights, with what TensorRT rejects removed."""
     import onnx
 
+    from kvtrace.exporter.gpu_form import drop_attention_attribute
+
     model = onnx.load(str(onnx_file), load_external_data=False)
-    changed = []
-    for node in model.graph.node:
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            keep = [a for a in node.attribute if a.name != "softmax_precision"]
-            if len(keep) != len(node.attribute):
-                del node.attribute[:]
-                node.attribute.extend(keep)
-                changed.append(node.name or node.output[0])
+    changed = drop_attention_attribute(model, "softmax_precision")
     return model.SerializeToString(), changed
 
 

@@ -10,7 +10,10 @@ Schema (format_version 1):
    "generation": {"bos_token_id", "eos_token_id", "pad_token_id"},
    "source": {"kind": "builtin"|"checkpoint", "path", "sha256", "seed"},
    "graph": {"attention": "fused"|"unfused", "rotary": "fused"|"unfused"|null,
-             "cache_update": "TensorScatter"|"concat"},
+             "cache_update": "TensorScatter"|"concat", "attend": "used"|"full"|"all"},
+   "graphs": {"gpu": {"onnx": "model.gpu.onnx", "attend": "full", "softmax_precision": "dropped"|"absent",
+                      ...the "graph" fields}} (optional: other forms of the graph beside model.onnx,
+             sharing its weights; written by `kvtrace export --target gpu`, docs/gpu.md),
    "validation": {...} (what the exporter checked), "tensorrt": {...} (added by `kvtrace build`),
    "files": {name: {"bytes", "sha256"}} for every file of the artifact (format_version 1 artifacts
             written before this entry existed lack it)}
@@ -76,6 +79,10 @@ class Manifest:
     def generation(self) -> dict:
         return self.data.get("generation") or {}
 
+    def graph_form(self, form: str) -> dict | None:
+        """The manifest's entry for another form of the graph ("gpu"), or None."""
+        return (self.data.get("graphs") or {}).get(form)
+
     def config(self):
         """The ModelConfig (models.config is pure Python, no torch)."""
         return ModelConfig.from_dict(self.data["config"])
@@ -123,6 +130,15 @@ def load_manifest(artifact_dir) -> Manifest:
     ext = data.get("external_data")
     if ext and not (d / ext).is_file():
         raise KvtraceError(f"{d / ext}: external weight file named in {path} is missing")
+    graphs = data.get("graphs") or {}
+    if not isinstance(graphs, dict):
+        raise KvtraceError(f"{path}: 'graphs' must be an object of graph forms")
+    for form, entry in graphs.items():
+        name = entry.get("onnx") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise KvtraceError(f"{path}: graphs.{form}.onnx must name a file in the artifact directory")
+        if not (d / name).is_file():
+            raise KvtraceError(f"{d / name}: model file of graph form {form!r} named in {path} is missing")
     return m
 
 

@@ -38,14 +38,30 @@ def add_arguments(p) -> None:
     p.add_argument("--stream", action="store_true", help="print text as tokens are produced")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
+    p.add_argument("--allow-cpu-nodes", action="store_true",
+                   help="onnxruntime-cuda: run even if onnxruntime places some nodes on the CPU (refused by default)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="GPU backends: do not capture decode steps as CUDA graphs")
+
+
+def gpu_options(args) -> dict:
+    """Backend options from --allow-cpu-nodes / --no-cuda-graph (only those given: the CPU
+    backend ignores them, and a backend without them is not passed them)."""
+    opts = {}
+    if getattr(args, "allow_cpu_nodes", False):
+        opts["allow_cpu_nodes"] = True
+    if getattr(args, "no_cuda_graph", False):
+        opts["cuda_graph"] = False
+    return opts
 
 
 def main(args) -> int:
     from .model import Model
 
-    model = Model.load(args.artifact, backend=args.backend)
+    model = Model.load(args.artifact, backend=args.backend, **gpu_options(args))
     for note in model.skipped_backends:  # e.g. an engine for another GPU: say why it was not used
         print(f"kvtrace: note: backend {note}; using {model.backend_name}", file=sys.stderr)
+    for note in getattr(model.backend, "notes", []):  # e.g. CUDA graphs off, and why
+        print(f"kvtrace: note: {model.backend_name}: {note}", file=sys.stderr)
     if args.prompt is not None:
         if model.tokenizer is None:
             raise KvtraceError(f"artifact {args.artifact} has no tokenizer: use --input-ids instead of --prompt")

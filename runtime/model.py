@@ -247,7 +247,13 @@ class Model:
             self._P += 1
             feeds[io_spec.ATTENTION_MASK] = np.ascontiguousarray(self._mask[:, : self._P])
         be = self.backend
-        be.run(feeds)
+        run_graph = getattr(be, "run_graph", None)
+        if run_graph is not None and self.layout == "static":
+            # every bound buffer (caches, logits) is fixed per batch size and the feeds are (B, 1):
+            # the backend may capture this step once and replay it (CUDA graphs)
+            run_graph(("decode", B), feeds)
+        else:
+            be.run(feeds)
         if self.layout == "dynamic":
             self._swap_presents()
         self._lengths = self._lengths + 1

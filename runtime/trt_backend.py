@@ -7,16 +7,18 @@ Engine *execution* has not been run by us: TensorRT-RTX refuses compute capabili
 runs without a GPU (module import, version/compute-capability/profile checks, the no-GPU error)
 is tested in tests/test_trt.py.
 
-Device memory comes from the CUDA driver API through ctypes (libcuda ships with every NVIDIA
-driver), so neither torch nor cuda-python/cupy is needed. TensorRT's own CUDA runtime uses the
-device's primary context, which is the context made current here.
+Device memory, pinned staging, the stream and CUDA graphs come from the CUDA driver API through
+ctypes (runtime/cuda_driver.py), so neither torch nor cuda-python/cupy is needed. TensorRT's own
+CUDA runtime uses the device's primary context, which is made current on the calling thread
+before every driver call and at the start of every run. What the driver side does was checked
+against a stub libcuda that records every call (tests/test_gpu_paths.py); docs/gpu.md says what
+has and has not been executed on a GPU.
 
 Also home of the helpers `kvtrace build` (exporter/trt.py) shares with the backend: which
 TensorRT module is installed, compute-capability names, and the profile check of a request.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import math
 import weakref
@@ -24,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import NUMPY_STORAGE, register_backend
+from .backends import NUMPY_STORAGE, register_backend, version_tuple
+# gpu_compute_capability: re-exported for `kvtrace build` (exporter/trt.py) and the tests
+from .cuda_driver import CudaDriver, DeviceBuffer, HostBuffer, gpu_compute_capability  # noqa: F401
 from kvtrace.errors import KvtraceError
 
 # Module names, in the order they are tried: the full TensorRT first (it runs on every
@@ -49,21 +53,11 @@ def import_tensorrt(flavour: str | None = None):
         except ImportError as e:  # also a broken install (missing shared libraries)
             errors.append(f"{name}: {e}")
             continue
-        if name == "tensorrt" and _version_tuple(mod.__version__) < MIN_TENSORRT:
+        if name == "tensorrt" and version_tuple(mod.__version__) < MIN_TENSORRT:
             errors.append(f"tensorrt {mod.__version__} is older than 10.15 (no fused attention layers)")
             continue
         return mod, name
     raise KvtraceError("TensorRT is not installed (" + "; ".join(errors) + "): " + INSTALL_HINT)
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in str(v).split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
 
 
 def normalize_cc(text: str) -> str:
@@ -133,131 +127,6 @@ def fit_profile(section: dict, shapes: dict[str, tuple[int, ...]]) -> int:
         "--max-batch N --max-seq N` (within the artifact's export limits) or send a smaller request")
 
 
-# ------------------------------------------------------------------ CUDA driver via ctypes
-_CUDA_ERROR_NO_DEVICE = 100
-_ATTR_CC_MAJOR, _ATTR_CC_MINOR = 75, 76
-
-
-def _open_driver(device: int = 0, lib_names=("libcuda.so.1", "libcuda.so", "nvcuda.dll")):
-    """(libcuda with argtypes set, compute capability of `device`); KvtraceError without a GPU."""
-    lib = None
-    for name in lib_names:
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        raise KvtraceError("backend 'tensorrt' needs an NVIDIA GPU, and this machine has none "
-                           "(no CUDA driver library libcuda found); use --backend onnxruntime")
-    u64, vp, sz, ci = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-    for fn, args in {
-        "cuInit": [ctypes.c_uint], "cuDeviceGetCount": [ctypes.POINTER(ci)],
-        "cuDeviceGet": [ctypes.POINTER(ci), ci], "cuDeviceGetAttribute": [ctypes.POINTER(ci), ci, ci],
-        "cuDevicePrimaryCtxRetain": [ctypes.POINTER(vp), ci], "cuCtxSetCurrent": [vp],
-        "cuStreamCreate": [ctypes.POINTER(vp), ctypes.c_uint], "cuStreamSynchronize": [vp],
-        "cuStreamDestroy_v2": [vp], "cuMemAlloc_v2": [ctypes.POINTER(u64), sz], "cuMemFree_v2": [u64],
-        "cuMemcpyHtoDAsync_v2": [u64, vp, sz, vp], "cuMemcpyDtoHAsync_v2": [vp, u64, sz, vp],
-        "cuMemsetD8Async": [u64, ctypes.c_ubyte, sz, vp],
-        "cuGetErrorString": [ci, ctypes.POINTER(ctypes.c_char_p)],
-    }.items():
-        f = getattr(lib, fn)
-        f.argtypes, f.restype = args, ci
-    rc = lib.cuInit(0)
-    count = ci(0)
-    if rc == 0:
-        rc = lib.cuDeviceGetCount(ctypes.byref(count))
-    if rc == _CUDA_ERROR_NO_DEVICE or (rc == 0 and count.value <= device):
-        raise KvtraceError(f"backend 'tensorrt' needs an NVIDIA GPU, and the CUDA driver finds "
-                           f"{'none' if not count.value else f'no device {device}'} on this machine; "
-                           "use --backend onnxruntime")
-    if rc != 0:
-        raise KvtraceError(f"the CUDA driver failed to start (cuInit/cuDeviceGetCount error {rc}); "
-                           "backend 'tensorrt' needs a working NVIDIA GPU and driver")
-    dev, major, minor = ci(0), ci(0), ci(0)
-    if (lib.cuDeviceGet(ctypes.byref(dev), device) or
-            lib.cuDeviceGetAttribute(ctypes.byref(major), _ATTR_CC_MAJOR, dev) or
-            lib.cuDeviceGetAttribute(ctypes.byref(minor), _ATTR_CC_MINOR, dev)):
-        raise KvtraceError(f"the CUDA driver cannot query device {device}")
-    return lib, cc_of(major.value, minor.value)
-
-
-def gpu_compute_capability(device: int = 0) -> str | None:
-    """'sm89' etc. of the local GPU, or None when there is none (no error)."""
-    try:
-        return _open_driver(device)[1]
-    except KvtraceError:
-        return None
-
-
-class CudaDriver:
-    """The few CUDA driver calls the backend needs (libcuda through ctypes)."""
-
-    def __init__(self, device: int = 0):
-        lib, cc = _open_driver(device)
-        self.lib = lib
-        self.compute_capability = cc
-        vp = ctypes.c_void_p
-        dev = ctypes.c_int(0)
-        self._check(lib.cuDeviceGet(ctypes.byref(dev), device), f"cuDeviceGet({device})")
-        self.ctx = vp()
-        self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev), "cuDevicePrimaryCtxRetain")
-        self._check(lib.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
-        self.stream = vp()
-        self._check(lib.cuStreamCreate(ctypes.byref(self.stream), 0), "cuStreamCreate")
-
-    def _check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            s = ctypes.c_char_p()
-            self.lib.cuGetErrorString(rc, ctypes.byref(s))
-            raise KvtraceError(f"CUDA {what} failed: error {rc} ({(s.value or b'?').decode()})")
-
-    @property
-    def stream_handle(self) -> int:
-        return self.stream.value or 0
-
-    def alloc(self, nbytes: int) -> int:
-        ptr = ctypes.c_uint64(0)
-        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(ptr), max(int(nbytes), 1)), f"cuMemAlloc({nbytes})")
-        return ptr.value
-
-    def free(self, ptr: int) -> None:
-        self.lib.cuMemFree_v2(ptr)
-
-    def zero(self, ptr: int, nbytes: int) -> None:
-        self._check(self.lib.cuMemsetD8Async(ptr, 0, nbytes, self.stream), "cuMemsetD8")
-
-    def to_device(self, ptr: int, host: np.ndarray) -> None:
-        self._check(self.lib.cuMemcpyHtoDAsync_v2(ptr, host.ctypes.data, host.nbytes, self.stream), "cuMemcpyHtoD")
-
-    def to_host(self, host: np.ndarray, ptr: int) -> None:
-        self._check(self.lib.cuMemcpyDtoHAsync_v2(host.ctypes.data, ptr, host.nbytes, self.stream), "cuMemcpyDtoH")
-
-    def sync(self) -> None:
-        self._check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
-
-
-class DeviceBuffer:
-    """Device memory of `capacity` bytes seen as `shape`/`dtype` (a view may be smaller).
-
-    Freed when the last reference goes (or by the backend's release()), so buffers handed to
-    the caller (prefill logits, dynamic-cache presents) do not pile up.
-    """
-
-    __slots__ = ("ptr", "shape", "dtype", "capacity", "free", "__weakref__")
-
-    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: str, capacity: int, free=None):
-        self.ptr, self.shape, self.dtype, self.capacity = ptr, tuple(shape), dtype, capacity
-        self.free = weakref.finalize(self, free, ptr) if free is not None else None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(NUMPY_STORAGE[self.dtype]).itemsize
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-
 # ------------------------------------------------------------------ the backend
 def _trt_dtype_name(trt, dt) -> str:
     table = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16",
@@ -301,12 +170,35 @@ def check_engine_compatible(section: dict, *, flavour: str, version: str, device
 
 
 class TrtBackend:
-    """Protocol of runtime/backends.py on a TensorRT engine; buffers are DeviceBuffers."""
+    """Protocol of runtime/backends.py on a TensorRT engine; buffers are DeviceBuffers.
+
+    Memory discipline (no allocation or free per step once warm):
+      * feeds go host -> pinned staging (cuMemHostAlloc, per input, grown when too small) ->
+        device staging (per input; per key for run_graph), async on the one stream;
+      * outputs the backend allocates (dynamic cache: presents of growing length) alternate
+        between two device buffers per output, grown geometrically: the outputs of run N are
+        valid until run N + 2 (the model binds them as the pasts of run N + 1);
+      * device memory is allocated and zeroed on the device (cuMemAlloc + cuMemsetD8Async).
+    CUDA graphs (cuda_graph=None: where possible, False: off): run_graph(key, ...) is enqueued
+    normally while its configuration (profile, shapes, addresses) is new; the next call with the
+    same configuration is captured (cuStreamBeginCapture thread-local, execute_async_v3,
+    cuStreamEndCapture, cuGraphInstantiate) and launched, and later ones replay it. A run of
+    another configuration in between (a prefill) makes the next call enqueue normally first, so
+    TensorRT's shape-dependent state is refreshed before a replay (conservative: TensorRT
+    documents that an enqueue must precede capture; replay after another configuration's enqueue
+    is not documented either way). A capture that fails (invalidated stream, enqueue refused)
+    marks the key uncapturable, with the reason, and the step runs normally.
+    """
 
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, artifact_dir: Path, manifest, *, device_index: int = 0, log_level: str = "ERROR"):
+    def __init__(self, artifact_dir: Path, manifest, *, device_index: int = 0, log_level: str = "ERROR",
+                 cuda_graph: bool | None = None, allow_cpu_nodes: bool = False):
+        # allow_cpu_nodes: accepted for option parity with onnxruntime-cuda; TensorRT runs every layer on the GPU
+        self.cuda = None
+        self.context = self.engine = self._runtime = None
+        self._closed = False
         section = _get(manifest, "tensorrt")
         if not section:
             raise KvtraceError(f"artifact {artifact_dir} has no TensorRT engine: run `kvtrace build {artifact_dir}` "
@@ -318,11 +210,41 @@ class TrtBackend:
                                f"run `kvtrace build {artifact_dir}`")
         trt, flavour = import_tensorrt(section.get("flavour"))
         # the GPU first: without one nothing below can work, and that is the clearest message
-        self.cuda = CudaDriver(device_index)
-        check_engine_compatible(section, flavour=flavour, version=trt.__version__,
+        try:
+            self.cuda = CudaDriver(device_index)
+        except KvtraceError as e:
+            raise KvtraceError(f"backend 'tensorrt' needs an NVIDIA GPU: {e}; use --backend onnxruntime") from e
+        try:
+            self._load(trt, flavour, engine_file, manifest, log_level)
+        except BaseException:
+            self._close_quietly()  # the refusal path releases what was taken, context included
+            raise
+        self._bound_in: dict[str, DeviceBuffer] = {}
+        self._bound_out: dict[str, DeviceBuffer | None] = {}
+        self._auto: dict[str, DeviceBuffer] = {}  # outputs the backend allocated on the last run
+        self._auto_pairs: dict[str, list] = {}  # output -> [buffer, buffer], alternated
+        self._auto_turn: dict[str, int] = {}
+        self._staging: dict[str, DeviceBuffer] = {}  # run(): device copies of host feeds
+        self._graph_staging: dict[object, dict[str, DeviceBuffer]] = {}  # run_graph(): per key
+        self._pinned: dict[str, HostBuffer] = {}  # host feeds are copied here first
+        self._readback: HostBuffer | None = None  # to_host() goes through this
+        self._live: weakref.WeakSet = weakref.WeakSet()
+        self._profile = 0
+        self._config = None  # the key of the configuration TensorRT was last enqueued with (None: run())
+        self._graphs: dict[object, dict] = {}  # key -> {"signature", "exec", "state", "reason", counters}
+        why = self.cuda.can_capture()
+        self.cuda_graph = cuda_graph is not False and why is None
+        self._no_capture_reason = ("off (cuda_graph=False)" if cuda_graph is False else why)
+        if cuda_graph and why:
+            self._close_quietly()
+            raise KvtraceError(f"CUDA graphs requested but unavailable: {why}")
+
+    def _load(self, trt, flavour, engine_file: Path, manifest, log_level) -> None:
+        check_engine_compatible(self.section, flavour=flavour, version=trt.__version__,
                                 device_cc=self.cuda.compute_capability)
         self.trt = trt
         self._logger = TrtLogger(trt, log_level)
+        self.cuda.current()
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
@@ -349,32 +271,36 @@ class TrtBackend:
                 if got and got != src:
                     raise KvtraceError(f"engine {engine_file}: output {out!r} updates input {got!r} in place, "
                                        f"but the manifest pairs it with {src!r}; rebuild the engine")
-        self._bound_in: dict[str, DeviceBuffer] = {}
-        self._bound_out: dict[str, DeviceBuffer | None] = {}
-        self._auto: dict[str, DeviceBuffer] = {}  # outputs the backend allocated on the last run
-        self._staging: dict[str, DeviceBuffer] = {}  # host feeds, reused while they fit
-        self._live: weakref.WeakSet = weakref.WeakSet()
-        self._profile = 0
 
     # --------------------------------------------------------------- memory
     def _new(self, shape, dtype: str, capacity: int | None = None) -> DeviceBuffer:
         nbytes = math.prod(shape) * np.dtype(NUMPY_STORAGE[dtype]).itemsize
         cap = max(int(capacity or nbytes), 1)
-        buf = DeviceBuffer(self.cuda.alloc(cap), tuple(shape), dtype, cap, free=self.cuda.free)
+        buf = DeviceBuffer(self.cuda.alloc(cap), tuple(shape), dtype, cap, free=self.cuda.free_later)
         self._live.add(buf)
         return buf
 
     def alloc(self, shape, dtype: str) -> DeviceBuffer:
         buf = self._new(tuple(int(s) for s in shape), dtype)
-        self.cuda.zero(buf.ptr, buf.capacity)
+        self.cuda.zero(buf.ptr, buf.capacity)  # on the device: nothing copied up from the host
         self.cuda.sync()
         return buf
 
+    def _host(self, slot: HostBuffer | None, nbytes: int) -> HostBuffer:
+        """A pinned buffer of at least `nbytes` (`slot` when it is large enough)."""
+        if slot is not None and slot.capacity >= nbytes:
+            return slot
+        if slot is not None:
+            self.cuda.free_host(slot)
+        return self.cuda.host_alloc(max(nbytes, 2 * (slot.capacity if slot else 0), 256))
+
     def to_host(self, buf: DeviceBuffer) -> np.ndarray:
-        host = np.empty(buf.shape, dtype=NUMPY_STORAGE[buf.dtype])
-        self.cuda.to_host(host, buf.ptr)
+        dt = NUMPY_STORAGE[buf.dtype]
+        self._readback = self._host(self._readback, buf.nbytes)
+        view = self._readback.view(buf.shape, dt)
+        self.cuda.to_host(view, buf.ptr)
         self.cuda.sync()
-        return host
+        return view.copy()  # the pinned buffer is reused by the next call
 
     # --------------------------------------------------------------- binding
     def bind_input(self, name: str, buf: DeviceBuffer) -> None:
@@ -387,6 +313,8 @@ class TrtBackend:
     def bind_output(self, name: str, buf: DeviceBuffer | None) -> None:
         if name not in self.outputs:
             raise KvtraceError(f"engine has no output {name!r} (outputs: {', '.join(self.outputs)})")
+        if buf is not None and buf.dtype != self.outputs[name]:
+            raise KvtraceError(f"output {name!r}: buffer dtype {buf.dtype}, the engine gives {self.outputs[name]}")
         alias = self.aliases.get(name)
         if alias is not None and (buf is None or self._bound_in.get(alias) is not buf):
             raise KvtraceError(f"output {name!r} is updated in place by TensorRT: bind it to the same buffer as "
@@ -395,8 +323,19 @@ class TrtBackend:
 
     # --------------------------------------------------------------- run
     def run(self, feeds: dict[str, np.ndarray]) -> None:
-        ctx, cuda = self.context, self.cuda
-        keep = []  # host arrays stay alive until the copies are done
+        self._run(feeds, None)
+
+    def run_graph(self, key, feeds: dict[str, np.ndarray]) -> None:
+        """A run repeated under `key` with the same buffers and feed shapes (a decode step):
+        captured into a CUDA graph and replayed where possible (see the class docstring)."""
+        self._run(feeds, key)
+
+    def _run(self, feeds: dict[str, np.ndarray], key) -> None:
+        cuda = self.cuda
+        if self._closed:
+            raise KvtraceError("the tensorrt backend was closed")
+        cuda.current()  # this thread: TensorRT's enqueue runs in the current context too
+        cuda.raise_deferred()
         shapes = {n: b.shape for n, b in self._bound_in.items()}
         for name, arr in feeds.items():
             if name not in self.inputs:
@@ -409,45 +348,164 @@ class TrtBackend:
         if missing:
             raise KvtraceError(f"engine inputs not bound or fed: {', '.join(sorted(missing))}")
         profile = fit_profile(self.section, shapes)
-        if profile != self._profile:
-            if not ctx.set_optimization_profile_async(profile, cuda.stream_handle):
-                raise KvtraceError(f"TensorRT cannot switch to optimization profile {profile}")
-            self._profile = profile
+        # feeds: host -> pinned -> device, async on the stream (the last run was synchronised)
+        pool = self._staging if key is None else self._graph_staging.setdefault(key, {})
+        staged = {}
         for name, arr in feeds.items():
             arr = np.ascontiguousarray(arr)
-            keep.append(arr)
-            buf = self._staging.get(name)
-            if buf is None or buf.capacity < arr.nbytes:  # (the last run is synchronized: free to drop)
-                buf = self._new(arr.shape, self.inputs[name], capacity=max(arr.nbytes, 64))
-                self._staging[name] = buf
+            pinned = self._pinned[name] = self._host(self._pinned.get(name), arr.nbytes)
+            host = pinned.view(arr.shape, arr.dtype)
+            np.copyto(host, arr)
+            buf = pool.get(name)
+            if buf is None or buf.capacity < arr.nbytes:  # grown geometrically (a growing attention_mask)
+                cap = max(arr.nbytes, 2 * (buf.capacity if buf is not None else 0), 64)
+                buf = pool[name] = self._new(arr.shape, self.inputs[name], capacity=cap)
             buf.shape = tuple(arr.shape)
-            cuda.to_device(buf.ptr, arr)
-            self._set_input(name, buf)
-        for name, buf in self._bound_in.items():
-            if name not in feeds:
-                self._set_input(name, buf)
-        self._auto.clear()  # the caller may still hold (and bind) last run's outputs: never reused
+            cuda.to_device(buf.ptr, host)
+            staged[name] = buf
+        ins = {**self._bound_in, **staged}
+        outs = self._outputs_for(key)
+        if key is None:
+            self._configure(profile, ins, outs, None)
+            self._enqueue()
+        else:
+            self._run_keyed(key, profile, ins, outs)
+        cuda.sync()
+
+    def _outputs_for(self, key) -> dict[str, DeviceBuffer]:
+        """The buffer of every output this run: bound ones, or the backend's alternating pair."""
+        outs = {}
+        self._auto.clear()
         for name in self.outputs:
             buf = self._bound_out.get(name)
             if buf is None:
+                buf = self._auto_slot(name)
+                self._auto[name] = buf
+            outs[name] = buf
+        return outs
+
+    def _auto_slot(self, name: str) -> DeviceBuffer | None:
+        """Placeholder until the shape is known (_configure sizes it): the pair member to write."""
+        turn = self._auto_turn.get(name, 1) ^ 1
+        self._auto_turn[name] = turn
+        pair = self._auto_pairs.setdefault(name, [None, None])
+        return pair[turn]
+
+    def _configure(self, profile: int, ins: dict, outs: dict, key) -> None:
+        ctx = self.context
+        if profile != self._profile:
+            try:
+                ok = ctx.set_optimization_profile_async(profile, self.cuda.stream_handle)
+            except Exception as e:  # the full TensorRT's binding raises where TensorRT-RTX returns False
+                ok, err = False, f": {e}"
+            else:
+                err = ""
+            if not ok:
+                raise KvtraceError(f"TensorRT cannot switch to optimization profile {profile}{err} "
+                                   + " | ".join(self._logger.errors[-2:]))
+            self._profile = profile
+        for name, buf in ins.items():
+            if not ctx.set_input_shape(name, buf.shape):
+                raise KvtraceError(f"TensorRT refused shape {buf.shape} for input {name!r}: "
+                                   + " | ".join(self._logger.errors[-2:]))
+            if not ctx.set_tensor_address(name, buf.ptr):
+                raise KvtraceError(f"TensorRT refused the address of input {name!r}")
+        for name in self.outputs:
+            buf = outs[name]
+            if name in self._auto:  # allocated here: size it now that TensorRT knows the shape
                 shape = tuple(ctx.get_tensor_shape(name))
                 if any(s < 0 for s in shape):
                     raise KvtraceError(f"TensorRT could not infer the shape of output {name!r}")
-                buf = self._new(shape, self.outputs[name])
-                self._auto[name] = buf
+                buf = self._fit_auto(name, shape)
+                outs[name] = self._auto[name] = buf
             if not ctx.set_tensor_address(name, buf.ptr):
                 raise KvtraceError(f"TensorRT refused the address of output {name!r}")
-        if not ctx.execute_async_v3(cuda.stream_handle):
-            raise KvtraceError("TensorRT execution failed: " + " | ".join(self._logger.errors[-3:]))
-        cuda.sync()
-        del keep
+        self._config = key
 
-    def _set_input(self, name: str, buf: DeviceBuffer) -> None:
-        if not self.context.set_input_shape(name, buf.shape):
-            raise KvtraceError(f"TensorRT refused shape {buf.shape} for input {name!r}: "
-                               + " | ".join(self._logger.errors[-2:]))
-        if not self.context.set_tensor_address(name, buf.ptr):
-            raise KvtraceError(f"TensorRT refused the address of input {name!r}")
+    def _fit_auto(self, name: str, shape) -> DeviceBuffer:
+        pair, turn = self._auto_pairs[name], self._auto_turn[name]
+        dtype = self.outputs[name]
+        need = math.prod(shape) * np.dtype(NUMPY_STORAGE[dtype]).itemsize
+        buf = pair[turn]
+        if buf is None or buf.capacity < need:
+            # grown geometrically: O(log length) allocations over a sequence, none per step after
+            old = buf.capacity if buf is not None else 0
+            buf = pair[turn] = self._new(shape, dtype, capacity=max(need, 2 * old))
+        buf.shape = tuple(shape)
+        return buf
+
+    def _enqueue(self) -> None:
+        try:
+            ok = self.context.execute_async_v3(self.cuda.stream_handle)
+        except Exception as e:  # noqa: BLE001 - a binding that raises instead of returning False
+            raise KvtraceError(f"TensorRT execution failed: {e}") from e
+        if not ok:
+            raise KvtraceError("TensorRT execution failed: " + " | ".join(self._logger.errors[-3:]))
+
+    def _run_keyed(self, key, profile: int, ins: dict, outs: dict) -> None:
+        sig = tuple(sorted((n, b.ptr, b.shape) for n, b in ins.items())) + \
+            tuple(sorted((n, b.ptr if b is not None else None, None) for n, b in outs.items()))
+        g = self._graphs.get(key)
+        if g is None or g["signature"] != sig:
+            if g is not None and g["exec"] is not None:
+                self.cuda.destroy_exec(g["exec"])
+            g = self._graphs[key] = {"signature": sig, "exec": None, "state": "pending", "reason": None,
+                                     "enqueued": 0, "replays": 0, "captures": (g or {}).get("captures", 0)}
+            if self._config == key:
+                self._config = None  # the new buffers are not set in TensorRT yet
+            if not self.cuda_graph:
+                g["state"], g["reason"] = "off", self._no_capture_reason
+            elif self._auto:
+                g["state"], g["reason"] = "uncapturable", "outputs allocated per run (dynamic cache)"
+        same = self._config == key  # TensorRT was last enqueued with exactly this configuration
+        if g["exec"] is not None and same:
+            self.cuda.launch(g["exec"])
+            g["replays"] += 1
+            return
+        if not same:
+            self._configure(profile, ins, outs, key)
+            self._enqueue()
+            g["enqueued"] += 1
+            return
+        if g["state"] == "pending":
+            self._capture(g)
+            if g["exec"] is not None:
+                self.cuda.launch(g["exec"])  # capturing did not run anything: run it now
+                g["replays"] += 1
+                return
+        self._enqueue()
+        g["enqueued"] += 1
+
+    def _capture(self, g: dict) -> None:
+        """Capture one enqueue of the current configuration; on failure mark the key uncapturable."""
+        cuda = self.cuda
+        try:
+            cuda.begin_capture()
+        except KvtraceError as e:
+            g["state"], g["reason"] = "uncapturable", str(e)
+            return
+        try:
+            ok = self.context.execute_async_v3(cuda.stream_handle)
+            err = None if ok else "execute_async_v3 returned False during capture: " + \
+                " | ".join(self._logger.errors[-2:])
+        except Exception as e:  # noqa: BLE001 - whatever TensorRT raises: no capture
+            err = f"execute_async_v3 raised during capture: {e}"
+        graph, why = cuda.end_capture()  # always: leaves capture mode
+        if err or graph is None:
+            if graph is not None:
+                cuda.fns["cuGraphDestroy"](graph)
+            g["state"], g["reason"] = "uncapturable", err or why
+            return
+        g["exec"] = cuda.instantiate(graph)
+        g["state"] = "captured"
+        g["captures"] += 1
+
+    def graph_runs(self) -> dict:
+        """run_graph bookkeeping per key: state (pending/captured/uncapturable/off), reason,
+        enqueued (normal runs), replays, captures, and the bound buffers' addresses."""
+        return {k: {"state": g["state"], "reason": g["reason"], "enqueued": g["enqueued"], "replays": g["replays"],
+                    "captures": g["captures"], "buffers": {n: (p, s) for n, p, s in g["signature"]}}
+                for k, g in self._graphs.items()}
 
     def output(self, name: str) -> DeviceBuffer:
         buf = self._bound_out.get(name)
@@ -457,14 +515,56 @@ class TrtBackend:
             raise KvtraceError(f"output {name!r} has not been produced yet")
         return self._auto[name]
 
+    # --------------------------------------------------------------- teardown
     def release(self) -> None:
-        self._bound_in.clear()
-        self._bound_out.clear()
-        self._auto.clear()
-        self._staging.clear()
-        for buf in list(self._live):
-            buf.free()  # idempotent: a finalizer runs once
+        """Everything, for good: the model is done with this backend (close())."""
+        self.close()
+
+    def close(self) -> None:
+        """Synchronise, then release in order: captured graphs, device and pinned buffers, the
+        execution context, the engine, the runtime, the stream and the primary context. Every
+        step is attempted; KvtraceError names the ones that failed. Idempotent."""
+        if self._closed or self.cuda is None:
+            self._closed = True
+            return
+        self._closed = True
+        cuda, errors = self.cuda, []
+
+        def attempt(what, fn):
+            try:
+                fn()
+            except KvtraceError as e:
+                errors.append(str(e).removeprefix("CUDA "))
+            except Exception as e:  # noqa: BLE001 - TensorRT objects may raise anything
+                errors.append(f"{what}: {e}")
+
+        attempt("cuStreamSynchronize", cuda.sync)
+        for g in getattr(self, "_graphs", {}).values():
+            if g["exec"] is not None:
+                attempt("cuGraphExecDestroy", lambda ex=g["exec"]: cuda.destroy_exec(ex))
+                g["exec"] = None
+        for attr in ("_bound_in", "_bound_out", "_auto", "_auto_pairs", "_staging", "_graph_staging"):
+            getattr(self, attr, {}).clear()
+        for buf in list(getattr(self, "_live", ())):
+            attempt("cuMemFree", buf.free)  # the finalizer: runs once, failures go to cuda.errors
         self._live = weakref.WeakSet()
+        for hb in list(getattr(self, "_pinned", {}).values()) + [getattr(self, "_readback", None)]:
+            if hb is not None:
+                attempt("cuMemFreeHost", lambda hb=hb: cuda.free_host(hb))
+        self._pinned, self._readback = {}, None
+        attempt("cuCtxSetCurrent", cuda.current)  # TensorRT frees its device memory in this context
+        for attr in ("context", "engine", "_runtime"):  # dependants first
+            if getattr(self, attr, None) is not None:
+                attempt(f"releasing the TensorRT {attr.strip('_')}", lambda a=attr: setattr(self, a, None))
+        attempt("CUDA driver", cuda.close)  # deferred free failures, stream, primary context
+        if errors:
+            raise KvtraceError("closing the tensorrt backend: " + "; ".join(errors))
+
+    def _close_quietly(self) -> None:
+        try:
+            self.close()
+        except KvtraceError:
+            pass  # the error being raised on this path says more
 
 
 def create_backend(artifact_dir: Path, manifest, **options) -> TrtBackend:

@@ -77,3 +77,20 @@ def test_runtime_without_torch(tmp_path, builtin_artifact):
     assert result["torch_modules"] == []
     assert result["ids"] == want
     assert json.loads(cli_line)["token_ids"] == want_cli
+
+
+def test_gpu_check_without_torch(tmp_path, builtin_artifact):
+    """`kvtrace gpu-check` and the GPU modules import and answer without torch (here: no GPU)."""
+    code = textwrap.dedent('''
+        import json, sys
+        from kvtrace.runtime import cuda_driver, gpu_check, trt_backend  # noqa: F401
+        cuda_driver.LIBCUDA_NAMES = ("/nonexistent/libcuda.so",)
+        from kvtrace.cli import main
+        rc = main(["gpu-check", sys.argv[1]])
+        bad = sorted(n for n in sys.modules if n == "torch" or n.startswith("torch."))
+        print(json.dumps({"rc": rc, "torch_modules": bad}))
+    ''')
+    p = _run_blocked(tmp_path, code, str(builtin_artifact))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"rc": 2, "torch_modules": []}
+    assert "no usable GPU here" in p.stderr

@@ -246,6 +246,32 @@ class _FakeCuda:
     def free(self, ptr):
         self.mem.pop(ptr, None)
 
+    free_later = free
+
+    def host_alloc(self, nbytes):  # "pinned" host memory: plain numpy here
+        import numpy as np
+
+        from kvtrace.runtime.cuda_driver import HostBuffer
+
+        a = np.zeros(max(int(nbytes), 1), np.uint8)
+        self.mem[-a.ctypes.data] = a  # kept alive
+        return HostBuffer(a.ctypes.data, a.nbytes)
+
+    def free_host(self, buf):
+        self.mem.pop(-buf.ptr, None)
+
+    def current(self):
+        pass
+
+    def raise_deferred(self):
+        pass
+
+    def can_capture(self):
+        return "emulated driver"
+
+    def close(self):
+        pass
+
     def view(self, ptr, shape, dtype):
         import numpy as np
 
@@ -380,4 +406,4 @@ def test_backend_data_flow_emulated(tmp_path, capsys, monkeypatch, layout):
     with pytest.raises(KvtraceError, match="--max-seq"):
         m.start([[3] * 50])
     m.close()
-    assert not cuda.mem, "device buffers left after close()"
+    assert not cuda.mem, "device or pinned buffers left after close()"
