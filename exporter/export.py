@@ -1,6 +1,7 @@
 """`kvtrace export`: a reference model -> an artifact directory (model.onnx + kvtrace.json).
 
-The ONNX graph is built directly from the ModelConfig (exporter/onnx_graph.py); weights are
+The ONNX graph is built directly from the ModelConfig (exporter/onnx_graph.py), or with
+--via trace traced from the reference model (exporter/trace_export.py); weights are
 streamed into the file one tensor at a time (protobuf wire format written by hand, so a
 650 MB model is never held twice in memory), the artifact is assembled in a temporary
 directory next to --out, validated (onnx.checker, shape inference, onnxruntime against the
@@ -26,6 +27,7 @@ from kvtrace.errors import KvtraceError
 from kvtrace.manifest import write_manifest
 
 TWO_GB = 2 * 1024**3
+VIAS = ("build", "trace")  # how the graph is made: onnx_graph.ModelGraph, or trace_export.trace
 DATA_NAME = io_spec.ONNX_NAME + ".data"
 SHORT_DTYPE = {v: k for k, v in configs.DTYPE_NAMES.items()}  # float16 -> fp16
 
@@ -181,7 +183,7 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
 def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "static", max_seq: int | None = None,
                  max_batch: int | None = None, opset: int = configs.DEFAULT_OPSET, tokenizer=None,
                  source: dict | None = None, validate: bool = True, external_data: bool = False,
-                 force: bool = False, release_weights: bool = False, log=None) -> Path:
+                 force: bool = False, release_weights: bool = False, log=None, via: str = "build") -> Path:
     """Export `model` (a models.transformer.Transformer) to the artifact directory `out_dir`.
 
     tokenizer: None, a path to a tokenizer.json to copy, or "builtin-bytes".
@@ -196,6 +198,7 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
     max_seq = int(max_seq) if max_seq is not None else min(configs.DEFAULT_MAX_SEQ, cfg.max_position)
     max_batch = int(max_batch) if max_batch is not None else configs.DEFAULT_MAX_BATCH
     opset = int(opset) if opset is not None else configs.DEFAULT_OPSET
+    _check_via(via, opset)
     onnx_graph.check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
     if max_batch < 1:
         raise KvtraceError(f"--max-batch {max_batch}: must be a positive integer")
@@ -212,11 +215,11 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
     tmp, made_parents = _make_temp_dir(out)
     try:
         t0 = time.perf_counter()
-        graph, inits, graph_info = onnx_graph.build(cfg, TorchWeights(model), dtype=dtype, layout=layout,
-                                                   max_seq=max_seq, opset=opset)
+        graph, inits, graph_info = _make_graph(via, model, dtype=dtype, layout=layout, max_seq=max_seq,
+                                               opset=opset, log=log)
         n_bytes = sum(t.nbytes for t in inits)
         external = bool(external_data) or n_bytes + (1 << 20) >= TWO_GB
-        log(f"built graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
+        log(f"{'traced' if via == 'trace' else 'built'} graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
             f"({time.perf_counter() - t0:.2f}s)")
         t0 = time.perf_counter()
         size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external)
@@ -236,7 +239,7 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
         validation = None
         if validate:
             validation = _validate(graph, sk, tmp / io_spec.ONNX_NAME, model, dtype=dtype, layout=layout,
-                                   max_seq=max_seq, log=log, release_weights=release_weights)
+                                   max_seq=max_seq, log=log, release_weights=release_weights, via=via)
         elif release_weights:
             _release(model)
         from kvtrace import __version__
@@ -256,6 +259,7 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
             "generation": {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                            "pad_token_id": cfg.pad_token_id},
             "source": dict(source or {}),
+            "via": via,
             "graph": graph_info,
             "validation": validation,
         }
@@ -273,6 +277,25 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
         raise
     log(f"artifact ready: {out}")
     return out
+
+
+def _check_via(via: str, opset: int) -> None:
+    if via not in VIAS:
+        raise KvtraceError(f"--via {via!r}: expected one of {', '.join(VIAS)}")
+    if via == "trace":
+        from kvtrace.exporter import trace_export
+
+        trace_export.check_options(opset=opset)
+
+
+def _make_graph(via: str, model, *, dtype, layout, max_seq, opset, log=lambda m: None):
+    """-> (ModelProto without weights, [onnx_graph.Initializer], graph description)."""
+    if via == "trace":
+        from kvtrace.exporter import trace_export
+
+        return trace_export.trace(model, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset, log=log)
+    return onnx_graph.build(model.cfg, TorchWeights(model), dtype=dtype, layout=layout, max_seq=max_seq,
+                            opset=opset)
 
 
 def _make_temp_dir(out: Path):
@@ -320,7 +343,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _validate(graph, sk, path: Path, model, *, dtype, layout, max_seq, log, release_weights) -> dict:
+def _validate(graph, sk, path: Path, model, *, dtype, layout, max_seq, log, release_weights, via="build") -> dict:
     """checker + shape inference on the skeleton, then onnxruntime on the written file
     against the reference trace (computed first, so the weights can be freed before
     onnxruntime loads its own copy)."""
@@ -354,8 +377,13 @@ def _validate(graph, sk, path: Path, model, *, dtype, layout, max_seq, log, rele
         # the bf16-rounded weights (identical topology and builder) against the bf16 tolerance.
         # bf16 arithmetic itself is left to the GPU backends (TensorRT, onnxruntime-cuda).
         run_path, run_dtype = path.with_name(".bf16-twin.onnx"), "float32"
-        twin, twin_inits, _ = onnx_graph.build(model.cfg, _Bf16Rounded(TorchWeights(model)), dtype="float32",
-                                               layout=layout, max_seq=max_seq, opset=graph.opset_import[0].version)
+        if via == "trace":  # the same tracer on an fp32 copy with the weights rounded to bf16
+            twin, twin_inits, _ = _make_graph(via, _bf16_rounded_copy(model), dtype="float32", layout=layout,
+                                              max_seq=max_seq, opset=graph.opset_import[0].version)
+        else:
+            twin, twin_inits, _ = onnx_graph.build(model.cfg, _Bf16Rounded(TorchWeights(model)), dtype="float32",
+                                                   layout=layout, max_seq=max_seq,
+                                                   opset=graph.opset_import[0].version)
         write_onnx(twin, twin_inits, run_path, external=False)
         del twin, twin_inits
         method = "onnxruntime-cpu, fp32 twin graph of the bf16-rounded weights"
@@ -404,6 +432,17 @@ def _fp32_copy(model):
     return copy.deepcopy(model).float().eval()
 
 
+def _bf16_rounded_copy(model):
+    """An fp32 copy of `model` whose parameters are rounded to bfloat16 (the traced bf16 twin)."""
+    import torch
+
+    twin = _fp32_copy(model)
+    with torch.no_grad():
+        for t in twin.state_dict().values():
+            t.copy_(t.to(torch.bfloat16))
+    return twin
+
+
 class _Bf16Rounded(Mapping):
     """Weights rounded to bfloat16 and widened back to fp32 (for the bf16 validation twin)."""
 
@@ -439,6 +478,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-seq", type=int, help="static cache length / longest sequence (default min(2048, model max))")
     p.add_argument("--max-batch", type=int, help="largest batch the artifact is profiled for (default 8)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset: 24 (fused, default) or 17 (portable)")
+    p.add_argument("--via", choices=VIAS, default="build",
+                   help="build: the graph built from the config (default; fast, low memory); trace: traced "
+                        "from the reference PyTorch model by torch.onnx (opset 24 only)")
     p.add_argument("--out", help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
     p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data")
     p.add_argument("--allow-pickle", action="store_true",
@@ -482,6 +524,7 @@ def main(args) -> int:
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
     max_seq = args.max_seq if args.max_seq is not None else min(configs.DEFAULT_MAX_SEQ, cfg.max_position)
     opset = args.opset if args.opset is not None else configs.DEFAULT_OPSET
+    _check_via(args.via, opset)
     onnx_graph.check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
     if model is None:
         model = random_model(cfg, configs.BUILTIN_SEED)
@@ -489,7 +532,7 @@ def main(args) -> int:
     out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout)
     export_model(model, out, dtype=dtype, layout=layout, max_seq=max_seq, max_batch=args.max_batch,
                  opset=opset, tokenizer=tokenizer, source=source, validate=not args.no_validate,
-                 external_data=args.external_data, force=args.force, release_weights=True)
+                 external_data=args.external_data, force=args.force, release_weights=True, via=args.via)
     _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {_peak_rss_mb():.0f} MB)")
     print(out)
     return 0
