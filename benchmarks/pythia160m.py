@@ -39,29 +39,30 @@ TOKENIZER_FIXTURE = ROOT.parent / "shared" / "fixtures" / "gpt_neox_20b_tokenize
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def _tensor_specs():
+def _tensor_specs(config: dict = CONFIG):
     """(HF name, shape) of every tensor, from the loader's own weight table (so they always agree)."""
     from kvtrace.models.hf import adapter_for, hf_shape, weight_table
 
-    adapter = adapter_for(CONFIG)
-    cfg = adapter.make_config(CONFIG)
+    adapter = adapter_for(config)
+    cfg = adapter.make_config(config)
     return [(name, hf_shape(cfg, canon)) for name, canon in weight_table(adapter, cfg).items()]
 
 
 def make_checkpoint(out_dir, dtype: str = "float32", *, seed: int = 0, tokenizer: str | Path | None = "auto",
-                    force: bool = False) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) to out_dir; returns out_dir."""
+                    force: bool = False, config: dict = CONFIG) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer.json) to out_dir; returns out_dir.
+    config: another Hugging Face config.json of a supported architecture (default Pythia-160M)."""
     import torch
 
     if dtype not in _ST_NAMES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_ST_NAMES)}")
     out = Path(out_dir)
-    marker = {"seed": seed, "dtype": dtype}
+    marker = {"seed": seed, "dtype": dtype, **({} if config is CONFIG else {"config": config})}
     if not force and (out / "model.safetensors").is_file() and (out / MARKER).is_file():
         if json.loads((out / MARKER).read_text()) == marker:
             return out
     tdtype = getattr(torch, dtype)
-    specs = _tensor_specs()
+    specs = _tensor_specs(config)
 
     # safetensors: u64 header length, JSON header (offsets relative to the data), data back to back
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -86,10 +87,10 @@ def make_checkpoint(out_dir, dtype: str = "float32", *, seed: int = 0, tokenizer
             f.write(hbytes)
             for name, shape in specs:
                 t = torch.randn(shape, generator=gen) * 0.02  # fp32 draw, so every dtype has the same weights
-                if "layernorm" in name or "layer_norm" in name:
+                if "layernorm" in name or "layer_norm" in name or "norm.weight" in name:
                     t = t + 1.0 if name.endswith(".weight") else t
                 f.write(t.to(tdtype).reshape(-1).view(torch.uint8).numpy().data)
-        (tmp / "config.json").write_text(json.dumps({**CONFIG, "torch_dtype": dtype}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
         tok = TOKENIZER_FIXTURE if tokenizer == "auto" else tokenizer
         if tok is not None and Path(tok).is_file():
             shutil.copyfile(tok, tmp / "tokenizer.json")

@@ -180,6 +180,7 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
 
 
 TARGETS = ("cpu", "gpu")
+VIAS = ("build", "trace")  # build: exporter/onnx_graph.py from the config; trace: exporter/trace_export.py
 
 
 @dataclass(frozen=True)
@@ -193,12 +194,19 @@ class ExportSpec:
     opset: int = configs.DEFAULT_OPSET
     attend: str = "used"  # static cache: "used" (CPU: slots in use) or "full" (GPU: value-independent shapes)
     target: str = "cpu"  # "gpu": also model.gpu.onnx (exporter/gpu_form.py), sharing the weight file
+    via: str = "build"
     external_data: bool = False
     validate: bool = True
 
     @classmethod
     def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
-             attend="used", target="cpu", external_data=False, validate=True) -> "ExportSpec":
+             attend="used", target="cpu", via="build", external_data=False, validate=True) -> "ExportSpec":
+        if via not in VIAS:
+            raise KvtraceError(f"--via {via!r}: expected one of {', '.join(VIAS)}")
+        if via == "trace":
+            from kvtrace.exporter import trace_export
+
+            trace_export.check_options(opset=configs.DEFAULT_OPSET if opset is None else opset)
         if target not in TARGETS:
             raise KvtraceError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
         if target == "gpu" and layout != "static":
@@ -206,7 +214,7 @@ class ExportSpec:
         spec = cls(dtype=dtype, layout=layout,
                    max_seq=configs.default_max_seq(cfg) if max_seq is None else max_seq,
                    max_batch=configs.DEFAULT_MAX_BATCH if max_batch is None else max_batch,
-                   opset=configs.DEFAULT_OPSET if opset is None else opset, attend=attend, target=target,
+                   opset=configs.DEFAULT_OPSET if opset is None else opset, attend=attend, target=target, via=via,
                    # the GPU form shares the weight file: a second graph costs kilobytes, not a second copy
                    external_data=bool(external_data) or target == "gpu", validate=bool(validate))
         onnx_graph.check_options(cfg, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset)
@@ -231,18 +239,19 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
 
         reference = TorchReference(model, {"kind": "export", "dtype": "float32"})
     return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
-                           source=source, force=force, log=log,
+                           source=source, force=force, log=log, model=model if spec.via == "trace" else None,
                            release=(lambda: _release(model)) if release_weights else None)
 
 
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
-                    source: dict | None = None, force: bool = False, log=None, release=None) -> Path:
+                    source: dict | None = None, force: bool = False, log=None, release=None, model=None) -> Path:
     """Write the artifact for (cfg, weights) to `out_dir`: graph, tokenizer, manifest, validation.
 
     weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing.
     reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), required when
     spec.validate. release(): called once the reference has run and the weights are written.
     tokenizer: None, a path to a tokenizer.json to copy, or "builtin-bytes".
+    model: the torch model to trace (spec.via == "trace" only).
     Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation); in both
     cases nothing is left at `out_dir` or beside it.
     """
@@ -255,12 +264,14 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             raise KvtraceError(f"tokenizer file {tok_path} not found")
     if spec.validate and reference is None:
         raise KvtraceError("export validation needs a reference model")
+    if spec.via == "trace" and model is None:
+        raise KvtraceError("--via trace needs the reference model to trace")
     if out.exists() or out.is_symlink():
         files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
 
     tmp, made_parents = files.staging_dir(out)
     try:
-        graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log)
+        graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log, model)
         gpu_sk = None
         if spec.target == "gpu":
             gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, dtype=spec.dtype, max_seq=spec.max_seq,
@@ -276,7 +287,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             from kvtrace.exporter import validate
 
             manifest["validation"] = validate.validate_artifact(
-                tmp, graph, inits, cfg, weights, reference, spec=spec, release=release,
+                tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model,
                 log=lambda m: log("validate: " + m))
             if gpu_sk is not None:
                 manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME)
@@ -297,15 +308,28 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     return out
 
 
-def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log):
-    """Build the graph and stream the weights into tmp/model.onnx (+ .data)."""
+def make_graph(cfg, weights, spec: ExportSpec, model=None, *, dtype: str | None = None, log=lambda m: None):
+    """-> (ModelProto without weights, [onnx_graph.Initializer], graph description), built from
+    the config (spec.via "build") or traced from `model` ("trace"); `dtype` overrides spec.dtype
+    (the bf16 validation twin is the same graph in fp32)."""
+    dtype = dtype or spec.dtype
+    if spec.via == "trace":
+        from kvtrace.exporter import trace_export
+
+        return trace_export.trace(model, dtype=dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset,
+                                  log=log)
+    return onnx_graph.build(cfg, weights, dtype=dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset,
+                            attend=spec.attend)
+
+
+def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, model=None):
+    """Build (or trace) the graph and stream the weights into tmp/model.onnx (+ .data)."""
     t0 = time.perf_counter()
-    graph, inits, graph_info = onnx_graph.build(cfg, weights, dtype=spec.dtype, layout=spec.layout,
-                                                max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend)
+    graph, inits, graph_info = make_graph(cfg, weights, spec, model, log=log)
     n_bytes = sum(t.nbytes for t in inits)
     external = spec.external_data or n_bytes + (1 << 20) >= TWO_GB
-    log(f"built graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
-        f"({time.perf_counter() - t0:.2f}s)")
+    log(f"{'traced' if spec.via == 'trace' else 'built'} graph: {len(graph.graph.node)} nodes, {len(inits)} "
+        f"weights, {n_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.2f}s)")
     t0 = time.perf_counter()
     size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external)
     log(f"wrote {io_spec.ONNX_NAME}{' + ' + DATA_NAME if external else ''}: {size / 1e6:.1f} MB "
@@ -340,6 +364,7 @@ def _manifest(cfg, spec: ExportSpec, graph_info: dict, external: bool, tok, sour
         "generation": {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                        "pad_token_id": cfg.pad_token_id},
         "source": dict(source or {}),
+        "via": spec.via,
         "graph": graph_info,
         "validation": None,
     }
@@ -375,6 +400,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-seq", type=int, help="static cache length / longest sequence (default min(2048, model max))")
     p.add_argument("--max-batch", type=int, help="largest batch the artifact is profiled for (default 8)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset: 24 (fused, default) or 17 (portable)")
+    p.add_argument("--via", choices=VIAS, default="build",
+                   help="build: the graph built from the config (default; fast, low memory); trace: traced "
+                        "from the reference PyTorch model by torch.onnx (opset 24 only; needs kvtrace[trace])")
     p.add_argument("--out", help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
     p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data")
     p.add_argument("--allow-pickle", action="store_true",
@@ -419,7 +447,7 @@ def main(args) -> int:
         tokenizer = "builtin-bytes"
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
     spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
-                           opset=args.opset, target=args.target, external_data=args.external_data,
+                           opset=args.opset, target=args.target, via=args.via, external_data=args.external_data,
                            validate=not args.no_validate)
     if model is None:  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)

@@ -48,7 +48,7 @@ def validation_prompts(cfg, max_seq: int) -> tuple[list[list[int]], int]:
 
 
 def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference, *, spec, release=None,
-                      log=print) -> dict:
+                      model=None, log=print) -> dict:
     """Check the artifact being written at `art` (manifest included); returns the manifest's
     "validation" entry or raises ParityFailure / KvtraceError naming the artifact."""
     from kvtrace.exporter.export import DATA_NAME, skeleton
@@ -72,7 +72,7 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     log(f"reference model run ({trace.seconds:.1f}s)")
     run_dir, method = art, "onnxruntime-cpu through kvtrace.runtime"
     if spec.dtype == "bfloat16":
-        run_dir = _bf16_twin(art, cfg, weights, spec)
+        run_dir = _bf16_twin(art, cfg, weights, spec, model)
         method += ", fp32 twin graph of the bf16-rounded weights"
     if release is not None:
         release()
@@ -106,17 +106,16 @@ def _replay(run_dir: Path, trace, tol: dict) -> dict:
         m.close()
 
 
-def _bf16_twin(art: Path, cfg, weights: Mapping, spec) -> Path:
-    """An fp32 artifact (inside `art`, removed afterwards) of the same builder's graph with the
-    bf16-rounded weights."""
-    from kvtrace.exporter import onnx_graph
-    from kvtrace.exporter.export import write_onnx
+def _bf16_twin(art: Path, cfg, weights: Mapping, spec, model=None) -> Path:
+    """An fp32 artifact (inside `art`, removed afterwards) of the same graph (built, or traced from
+    `model`) with the bf16-rounded weights."""
+    from kvtrace.exporter.export import make_graph, write_onnx
     from kvtrace.manifest import load_manifest, write_manifest
 
     twin = art / ".bf16-twin"
     twin.mkdir()
-    graph, inits, _ = onnx_graph.build(cfg, _Bf16Rounded(weights), dtype="float32", layout=spec.layout,
-                                       max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend)
+    graph, inits, _ = make_graph(cfg, _Bf16Rounded(weights), spec, _bf16_rounded_copy(model) if model else None,
+                                 dtype="float32")
     write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=False)
     data = dict(load_manifest(art).data)
     data["dtype"], data["external_data"], data["tokenizer"] = "float32", None, None
@@ -124,6 +123,19 @@ def _bf16_twin(art: Path, cfg, weights: Mapping, spec) -> Path:
                                vocab_size=cfg.vocab_size, dtype="float32", layout=spec.layout,
                                max_seq=spec.max_seq, max_batch=spec.max_batch)
     write_manifest(twin, data)
+    return twin
+
+
+def _bf16_rounded_copy(model):
+    """An fp32 copy of `model` whose parameters are rounded to bfloat16 (the traced bf16 twin)."""
+    import copy
+
+    import torch
+
+    twin = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        for t in twin.state_dict().values():
+            t.copy_(t.to(torch.bfloat16))
     return twin
 
 

@@ -9,6 +9,8 @@ Schema (format_version 1):
    "tokenizer": {"type": "file", "file": "tokenizer.json"} | {"type": "builtin-bytes"} | null,
    "generation": {"bos_token_id", "eos_token_id", "pad_token_id"},
    "source": {"kind": "builtin"|"checkpoint", "path", "sha256", "seed"},
+   "via": "build"|"trace" (graph built from the config, or traced from the reference model;
+          absent in artifacts exported before --via existed),
    "graph": {"attention": "fused"|"unfused", "rotary": "fused"|"unfused"|null,
              "cache_update": "TensorScatter"|"concat", "attend": "used"|"full"|"all"},
    "graphs": {"gpu": {"onnx": "model.gpu.onnx", "attend": "full", "softmax_precision": "dropped"|"absent",

@@ -1,6 +1,8 @@
 """kvtrace.models: the reference PyTorch model and checkpoint loading (needs the `export` extra).
 
 transformer.py  the one Transformer with explicit static / dynamic KV caches
+ops.py          its fused points as torch custom ops (attention, rotary, static cache write),
+                which the traced export (exporter/trace_export.py) maps to ONNX's fused ops
 hf.py           Hugging Face config.json -> ModelConfig, tensor name tables (pure Python)
 checkpoint.py   load_checkpoint(): strict safetensors (or opt-in pickle) loading
 llama2c.py      llama2.c legacy .bin -> Hugging Face Llama checkpoint directory

@@ -13,6 +13,11 @@ I/O contract (runtime/io_spec.py):
 
 Scores and softmax run in fp32 whatever the weight dtype: GPT-NeoX and XGLM overflow fp16
 attention scores otherwise.
+
+The three fused points -- attention, rotary embedding, the static cache write -- are custom
+operators (models/ops.py): eagerly they run the torch code there, and when the model is traced
+for ONNX (exporter/trace_export.py) each becomes one standard fused node (Attention,
+RotaryEmbedding, TensorScatter).
 """
 from __future__ import annotations
 
@@ -25,6 +30,11 @@ from torch import nn
 from kvtrace import numerics
 from kvtrace.config import ModelConfig
 
+from . import ops
+
+# True while torch.export traces the model (torch >= 2.7; older torch cannot trace it anyway)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 
 # --------------------------------------------------------------------------- caches
 class StaticCache:
@@ -36,12 +46,17 @@ class StaticCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_seq = max_seq
 
+    @classmethod
+    def of(cls, k: list, v: list) -> "StaticCache":
+        """A cache over existing per-layer tensors (B, n_kv, S_max, hd), e.g. a traced graph's inputs."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_seq = list(k), list(v), k[0].shape[2]
+        return cache
+
     def update(self, i: int, k_new: torch.Tensor, v_new: torch.Tensor, position_ids: torch.Tensor):
-        B, n_kv, T, hd = k_new.shape
-        slots = position_ids[:, :1] + torch.arange(T, device=k_new.device)  # (B, T)
-        idx = slots[:, None, :, None].expand(B, n_kv, T, hd)
-        self.k[i].scatter_(2, idx, k_new.to(self.k[i].dtype))
-        self.v[i].scatter_(2, idx, v_new.to(self.v[i].dtype))
+        # (B, n_kv, S_max, hd): row b's T new entries at slots position_ids[b, 0] + t
+        self.k[i] = ops.cache_update(self.k[i], k_new, position_ids)
+        self.v[i] = ops.cache_update(self.v[i], v_new, position_ids)
         return self.k[i], self.v[i]
 
     def key_positions(self, attention_mask):
@@ -56,6 +71,13 @@ class DynamicCache:
         shape = (batch, cfg.n_kv_heads, 0, cfg.head_dim)  # (B, n_kv, P=0, hd)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+    @classmethod
+    def of(cls, k: list, v: list) -> "DynamicCache":
+        """A cache over existing per-layer tensors (B, n_kv, P, hd), e.g. a traced graph's inputs."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = list(k), list(v)
+        return cache
 
     @property
     def length(self) -> int:
@@ -123,13 +145,6 @@ class MLP(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
-def rotate(x, cos, sin, rotary_dim: int):
-    """Rotate-half RoPE on the first rotary_dim dims. x (B, h, T, hd); cos/sin (B, 1, T, r/2)."""
-    half = rotary_dim // 2
-    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -147,18 +162,13 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        if rope is not None:
-            cos, sin = rope  # (B, 1, T, r/2), model dtype
-            q, k = rotate(q, cos, sin, cfg.rotary_dim), rotate(k, cos, sin, cfg.rotary_dim)
+        if rope is not None:  # rotate-half on the first rotary_dim dims
+            cos, sin = rope  # (n_positions, r/2) tables, model dtype
+            q = ops.rotary_embedding(q, cos, sin, position_ids, cfg.rotary_dim)
+            k = ops.rotary_embedding(k, cos, sin, position_ids, cfg.rotary_dim)
         k_all, v_all = cache.update(self.layer, k, v, position_ids)  # (B, n_kv, S, hd)
-        rep = cfg.n_heads // cfg.n_kv_heads  # GQA: query head h reads kv head h // rep
-        k_all = k_all.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
-        v_all = v_all.repeat_interleave(rep, dim=1)
-        scores = (q.float() @ k_all.float().transpose(-1, -2)) * self.scale  # (B, H, T, S) fp32
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v_all.dtype)
-        out = (probs @ v_all).transpose(1, 2).reshape(B, T, cfg.q_dim)  # (B, T, H*hd)
-        return self.o(out)
+        out = ops.attention(q, k_all, v_all, mask, self.scale)  # (B, H, T, hd); GQA inside, fp32 softmax
+        return self.o(out.transpose(1, 2).reshape(B, T, cfg.q_dim))  # (B, T, H*hd) -> (B, T, D)
 
 
 class Block(nn.Module):
@@ -200,15 +210,13 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
-    def rope(self, position_ids):
-        """cos, sin (B, 1, T, r/2) in the model dtype: rows of the shared tables (as the graph's
-        RotaryEmbedding reads its cos/sin caches at position_ids)."""
+    def rope(self, device):
+        """The cos, sin tables (max_position, r/2) in the model dtype, or None: the rotary op reads
+        row position_ids[b, t] of each (as the graph's RotaryEmbedding reads its caches)."""
         if self.rope_cos is None:
             return None
-        pos = position_ids.cpu()
-        cos = self.rope_cos[pos][:, None].to(device=position_ids.device, dtype=self.dtype)
-        sin = self.rope_sin[pos][:, None].to(device=position_ids.device, dtype=self.dtype)
-        return cos, sin
+        return (self.rope_cos.to(device=device, dtype=self.dtype),
+                self.rope_sin.to(device=device, dtype=self.dtype))
 
     def check_inputs(self, input_ids, position_ids):
         if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
@@ -220,13 +228,16 @@ class Transformer(nn.Module):
             raise ValueError(f"position_ids: position {int(position_ids.max())} beyond the model's "
                              f"max_position {self.cfg.max_position}")
 
-    def forward(self, input_ids, position_ids, cache, attention_mask=None):
+    def forward(self, input_ids, position_ids, cache, attention_mask=None, logits_index=None):
         """input_ids, position_ids (B, T) int64 -> logits (B, T, V) float32; updates `cache`.
 
         attention_mask (B, P + T) is used by the dynamic layout only (None: all real).
+        logits_index (B, K) int64: logits only at these positions of each row -> (B, K, V)
+        (the graph's logits_index input; None: every position).
         """
         cfg = self.cfg
-        self.check_inputs(input_ids, position_ids)
+        if not _exporting():  # the value checks read tensors: not traceable
+            self.check_inputs(input_ids, position_ids)
         B, T = input_ids.shape
         x = self.embed(input_ids) * cfg.embed_scale  # (B, T, D)
         if cfg.positions == "sinusoidal":
@@ -241,9 +252,11 @@ class Transformer(nn.Module):
             n_slots = P + T
         key_pos, key_valid = cache.key_positions(attention_mask)
         mask = attention_mask_bool(cfg, position_ids, key_pos, key_valid, q_slots, n_slots)  # (B,1,T,S)
-        rope = self.rope(position_ids)
+        rope = self.rope(input_ids.device)
         for block in self.layers:
             x = block(x, rope, mask, cache, position_ids)
+        if logits_index is not None:  # x[b, logits_index[b, k]]
+            x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         x = self.norm_f(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return (x @ head.t()).float()  # (B, T, V)
