@@ -225,7 +225,7 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
 
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
-            tok = {"type": "file", "file": "tokenizer.json"}
+            tok = {"type": "file", "file": "tokenizer.json", **_copy_chat_template(tok_path.parent, tmp, log)}
         elif tokenizer == "builtin-bytes":
             tok = {"type": "builtin-bytes"}
         else:
@@ -273,6 +273,31 @@ def export_model(model, out_dir, *, dtype: str = "float32", layout: str = "stati
         raise
     log(f"artifact ready: {out}")
     return out
+
+
+def _copy_chat_template(src: Path, dst: Path, log) -> dict:
+    """Carry the checkpoint's chat template beside tokenizer.json into the artifact (what `kvtrace
+    serve` renders /v1/chat/completions with, runtime/chat.py): tokenizer_config.json when it has a
+    "chat_template" (its bos/eos token strings come along), and/or chat_template.jinja. Returns the
+    manifest "tokenizer" keys naming the copies; a config that is not a JSON object is left out."""
+    import json
+
+    keys = {}
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        shutil.copyfile(jinja, dst / jinja.name)
+        keys["chat_template"] = jinja.name
+    cfg = src / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            log(f"note: {cfg} is not readable JSON ({e}); its chat template is not carried")
+            data = None
+        if isinstance(data, dict) and ("chat_template" in data or keys):
+            shutil.copyfile(cfg, dst / cfg.name)
+            keys["config"] = cfg.name
+    return keys
 
 
 def _make_temp_dir(out: Path):
