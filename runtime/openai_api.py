@@ -215,13 +215,13 @@ def _stop(body: dict, ctx: Context) -> list[str]:
     return s
 
 
-def _fit(ctx: Context, prompt: list[int], max_tokens: int | None, param: str) -> int:
+def _fit(ctx: Context, prompt: list[int], max_tokens: int | None, param: str, prompt_param: str = "prompt") -> int:
     """max_tokens for this prompt (None: the rest of the cache); 400 when it does not fit."""
     room = ctx.max_seq - len(prompt)
     if room < 1:
         raise ApiError(400, f"This model's maximum context length is {ctx.max_seq} tokens, but the prompt has "
                        f"{len(prompt)} tokens (at least one must be left for the completion)",
-                       param="messages" if param == "max_completion_tokens" else "prompt",
+                       param=prompt_param,
                        code="context_length_exceeded")
     if max_tokens is None:
         return room
@@ -357,7 +357,7 @@ def parse_chat(body: dict, ctx: Context) -> tuple[GenParams, list[dict]]:
         e = ctx.tokenizer.encode(eos, add_special_tokens=False)
         if len(e) == 1:
             extra.add(e[0])
-    return GenParams(prompts=[ids], max_tokens=[_fit(ctx, ids, max_tokens, param)], sampling=sampling, seed=seed,
+    return GenParams(prompts=[ids], max_tokens=[_fit(ctx, ids, max_tokens, param, "messages")], sampling=sampling, seed=seed,
                      stop=_stop(body, ctx), stream=stream, include_usage=usage,
                      logprobs=(top or 0) if lp else None, timeout=timeout, extra_stop_ids=extra), clean
 
