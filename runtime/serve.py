@@ -359,6 +359,7 @@ class _Job:
         lps = [self._lp() for _ in range(n)]
         left, pending = n, [first]
         prompt_tokens = completion_tokens = 0
+        unsent: list[list[int]] = [[] for _ in range(n)]  # completions: token ids since the last chunk
         if self.chat:  # OpenAI's chat streams open with the role
             for i in range(n):
                 yield _sse(self._chunk(i, "", None, role=True))
@@ -367,14 +368,20 @@ class _Job:
             if ev is _DISCONNECT:
                 return
             if isinstance(ev, Token):
+                unsent[i].append(ev.token_id)
                 lp = lps[i].entry(ev) if lps[i] is not None else None
-                if ev.text or lp is not None or (self.state.model.tokenizer is None and not self.chat):
-                    yield _sse(self._chunk(i, ev.text, None, lp, token_ids=None if self.chat else [ev.token_id]))
+                # a token whose text is held back (a possible stop string, an incomplete character)
+                # goes out with the next chunk that has text
+                if ev.text or lp is not None or self.state.model.tokenizer is None:
+                    yield _sse(self._chunk(i, ev.text, None, lp, token_ids=None if self.chat else unsent[i]))
+                    unsent[i] = []
             elif isinstance(ev, Done):
                 left -= 1
                 prompt_tokens += ev.prompt_tokens
                 completion_tokens += len(ev.token_ids)
-                yield _sse(self._chunk(i, "" if not self.chat else None, api.FINISH[ev.finish_reason]))
+                yield _sse(self._chunk(i, "" if not self.chat else None, api.FINISH[ev.finish_reason],
+                                       token_ids=None if self.chat else unsent[i]))
+                unsent[i] = []
             elif isinstance(ev, Failed):  # after the headers: OpenAI's in-stream error event
                 self.cancel_all()
                 self.count(str(ev.status))

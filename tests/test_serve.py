@@ -160,7 +160,8 @@ def test_64_requests_from_16_clients_equal_generate_alone(server, chat_art, caps
                 chunks = list(c.completions.create(model=NAME, prompt=prompts[i], max_tokens=n_new[i], temperature=0,
                                                    stream=True))
                 text = "".join(x.choices[0].text for x in chunks)
-                got.append((i, text, None, chunks[-1].choices[0].finish_reason))
+                ids = [t for x in chunks for t in x.choices[0].token_ids]  # extension: each chunk's tokens
+                got.append((i, text, ids, chunks[-1].choices[0].finish_reason))
             else:
                 r = c.completions.create(model=NAME, prompt=prompts[i], max_tokens=n_new[i], temperature=0)
                 got.append((i, r.choices[0].text, r.choices[0].token_ids, r.choices[0].finish_reason))
