@@ -415,6 +415,11 @@ def test_serve_bad_options(tmp_path, capsys):
     art = build_toy(tmp_path / "t")
     assert main(["serve", str(art), "--max-queue", "-1"]) == 2
     assert "--max-queue" in capsys.readouterr().err
+    # a model file onnxruntime cannot load: found by the loading thread, the server stops, one line
+    (art / "model.onnx").write_bytes(b"not an onnx file")
+    p = __import__("subprocess").run([__import__("sys").executable, "-m", "kvtrace.cli", "serve", str(art), "--port", "0"],
+                                     capture_output=True, text=True, timeout=60, cwd=su.ROOT)
+    assert p.returncode == 2 and "onnxruntime cannot load" in p.stderr and "Traceback" not in p.stderr, p.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
