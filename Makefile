@@ -4,7 +4,7 @@ PY ?= python3
 # CPU torch first: a bare `pip install torch` would pull a multi-GB CUDA build
 install:
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,test,trt,trace]'
+	$(PY) -m pip install -q -e '.[export,test,trt,trace,serve]'
 
 # the main job on the built-in default model
 demo: install

@@ -277,7 +277,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, dtype=spec.dtype, max_seq=spec.max_seq,
                                               opset=spec.opset)
             log(f"wrote {gpu_form.GPU_ONNX_NAME} (attention over the whole cache, weights shared)")
-        tok = _copy_tokenizer(tok_path, tokenizer, tmp)
+        tok = _copy_tokenizer(tok_path, tokenizer, tmp, log)
         manifest = _manifest(cfg, spec, graph_info, external, tok, source)
         if gpu_sk is not None:
             manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
@@ -337,13 +337,38 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, model=None):
     return graph, inits, graph_info, external
 
 
-def _copy_tokenizer(tok_path: Path | None, tokenizer, tmp: Path) -> dict | None:
+def _copy_tokenizer(tok_path: Path | None, tokenizer, tmp: Path, log) -> dict | None:
     if tok_path is not None:
         shutil.copyfile(tok_path, tmp / "tokenizer.json")
-        return {"type": "file", "file": "tokenizer.json"}
+        return {"type": "file", "file": "tokenizer.json", **_copy_chat_template(tok_path.parent, tmp, log)}
     if tokenizer == "builtin-bytes":
         return {"type": "builtin-bytes"}
     return None
+
+
+def _copy_chat_template(src: Path, dst: Path, log) -> dict:
+    """Carry the checkpoint's chat template beside tokenizer.json into the artifact (what `kvtrace
+    serve` renders /v1/chat/completions with, runtime/chat.py): tokenizer_config.json when it has a
+    "chat_template" (its bos/eos token strings come along), and/or chat_template.jinja. Returns the
+    manifest "tokenizer" keys naming the copies; a config that is not a JSON object is left out."""
+    import json
+
+    keys = {}
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        shutil.copyfile(jinja, dst / jinja.name)
+        keys["chat_template"] = jinja.name
+    cfg = src / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            log(f"note: {cfg} is not readable JSON ({e}); its chat template is not carried")
+            data = None
+        if isinstance(data, dict) and ("chat_template" in data or keys):
+            shutil.copyfile(cfg, dst / cfg.name)
+            keys["config"] = cfg.name
+    return keys
 
 
 def _manifest(cfg, spec: ExportSpec, graph_info: dict, external: bool, tok, source) -> dict:

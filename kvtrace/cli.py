@@ -34,6 +34,8 @@ COMMANDS: dict[str, Command] = {
     "parity": Command("kvtrace.exporter.parity", "compare an artifact's logits with a reference (or a golden file), "
                       "step by step", None),
     "bench": Command("kvtrace.runtime.bench", "prefill and decode latency, throughput and memory", None),
+    "serve": Command("kvtrace.runtime.serve", "serve an artifact over an OpenAI-compatible HTTP API with continuous "
+                     "batching", "serve"),
     "build": Command("kvtrace.exporter.trt", "build a TensorRT engine from an artifact's model.onnx", "trt"),
     "gpu-check": Command("kvtrace.runtime.gpu_check", "on an NVIDIA GPU: check device, versions, node placement, "
                          "parity with the CPU path, in-place cache, CUDA graphs and timings; one report", None),
@@ -48,7 +50,8 @@ EPILOG = ("exit status: 0 ok; 1 a check failed (parity, non-finite logits); 2 ba
 
 # third-party modules -> the extra that installs them (for the one-line message when one is missing)
 EXTRA_OF = {"torch": "export", "onnx": "export", "safetensors": "export", "ml_dtypes": "export",
-            "transformers": "test", "tensorrt": "trt", "tensorrt_rtx": "trt"}
+            "transformers": "test", "tensorrt": "trt", "tensorrt_rtx": "trt",
+            "starlette": "serve", "uvicorn": "serve", "jinja2": "serve"}
 
 
 def _debug_requested(argv) -> bool:

@@ -6,7 +6,9 @@ Schema (format_version 1):
   {"format_version": 1, "kvtrace_version", "architecture", "config": ModelConfig.to_dict(),
    "dtype": "float32|float16|bfloat16", "opset", "onnx": "model.onnx",
    "external_data": null | "model.onnx.data", "io": io_spec.build(...),
-   "tokenizer": {"type": "file", "file": "tokenizer.json"} | {"type": "builtin-bytes"} | null,
+   "tokenizer": {"type": "file", "file": "tokenizer.json"[, "config": "tokenizer_config.json"]
+                 [, "chat_template": "chat_template.jinja"]} | {"type": "builtin-bytes"} | null,
+                 (config / chat_template: the checkpoint's chat template, carried for `kvtrace serve`)
    "generation": {"bos_token_id", "eos_token_id", "pad_token_id"},
    "source": {"kind": "builtin"|"checkpoint", "path", "sha256", "seed"},
    "via": "build"|"trace" (graph built from the config, or traced from the reference model;

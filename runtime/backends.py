@@ -14,6 +14,8 @@ device and runs the graph:
                                          # once per key (CUDA graphs) and replay it
     b.output(name)                       # the buffer the output went to on the last run
     b.to_host(buf)                       # numpy; on CPU a view of the buffer itself (no copy)
+    b.rows(buf, lo, hi)                  # optional: rows [lo, hi) of the batch axis, same memory
+                                         # (continuous batching, runtime/slots.py)
     b.release()                          # drop bindings and buffers
 
 Backends register by name: `register_backend("tensorrt", factory)`, where
@@ -423,6 +425,14 @@ class OrtBackend:
         ov = ort.OrtValue.ortvalue_from_shape_and_type(list(host.shape), _ONNX_TYPE[dtype], "cuda", self.device_id)
         ov.update_inplace(np.ascontiguousarray(host))
         return _Buf(ov, None, dtype)
+
+    def rows(self, buf: _Buf, lo: int, hi: int) -> _Buf:
+        """Rows [lo, hi) of the first (outermost) axis of `buf`, sharing its memory: a contiguous
+        part, so an OrtValue over the numpy view binds it (runtime/slots.py). CPU only: the Python
+        API of onnxruntime cannot wrap device memory at an offset."""
+        if buf.host is None:
+            raise KvtraceError(f"backend {self.name}: binding part of a device buffer is not supported")
+        return self._wrap(buf.host[lo:hi], buf.dtype)
 
     def to_host(self, buf: _Buf) -> np.ndarray:
         if buf.host is not None:

@@ -75,6 +75,54 @@ class _TextTracker:
         return out
 
 
+class Continuation:
+    """One sequence's continuation: the token ids generated, the text settled so far, and whether
+    (and why) it stopped. One per row in generate(), one per request in the server
+    (runtime/scheduler.py): both stop, cut and stream text the same way.
+
+        c = Continuation(prompt_ids, tokenizer, stop_ids={eos}, stop_strings=["\\n\\n"], max_new_tokens=16)
+        delta = c.push(token_id)   # settled text not streamed before ("" while held back)
+        c.finished, c.result.finish_reason, c.result.text (set once finished)
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], tokenizer, *, stop_ids: set[int],
+                 stop_strings: Sequence[str] = (), max_new_tokens: int):
+        self.result = GenerationResult(prompt_ids=list(prompt_ids))
+        self.tracker = _TextTracker(tokenizer, stop_strings) if tokenizer is not None else None
+        self.stop_ids = stop_ids
+        self.max_new_tokens = int(max_new_tokens)
+        self.finished = self.max_new_tokens <= 0
+        self._end = 0  # where the kept text ends
+        if self.finished:
+            self.result.text = "" if self.tracker is not None else None
+
+    def push(self, token: int) -> str:
+        """Append a generated token; returns the newly settled text ("" without a tokenizer)."""
+        if self.finished:
+            raise KvtraceError("Continuation.push after the sequence finished")
+        t = int(token)
+        r, tr = self.result, self.tracker
+        r.token_ids.append(t)
+        if t in self.stop_ids:
+            r.finish_reason = "stop_token"
+            self.finished = True
+            if tr is not None:  # the stop token's own text is not part of the result
+                _, self._end = tr.update(r.token_ids[:-1])
+        elif tr is not None:
+            hit, self._end = tr.update(r.token_ids)
+            if hit is not None:
+                r.finish_reason = "stop_string"
+                self.finished = True
+        if not self.finished and len(r.token_ids) >= self.max_new_tokens:
+            self.finished = True  # finish_reason stays "length"
+        if tr is None:
+            return ""
+        delta = tr.delta(self._end, final=self.finished)
+        if self.finished:
+            r.text = tr.text[: self._end]
+        return delta
+
+
 def _stop_ids(model, stop_token_ids) -> set[int]:
     if stop_token_ids is None:
         eos = model.eos_token_id
@@ -122,50 +170,29 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     rng = np.random.default_rng(seed)
     stops = _stop_ids(model, stop_token_ids)
     B = len(ids)
-    results = [GenerationResult(prompt_ids=list(p)) for p in ids]
-    trackers = [_TextTracker(model.tokenizer, stop_strings) if model.tokenizer is not None else None
-                for _ in range(B)]
+    rows = [Continuation(p, model.tokenizer, stop_ids=stops, stop_strings=stop_strings,
+                         max_new_tokens=max_new_tokens) for p in ids]
     use_penalty = params.repetition_penalty not in (None, 1.0)
     seen = [list(p) for p in ids] if use_penalty else None
     if max_new_tokens == 0:
-        for r, tr in zip(results, trackers):
-            r.text = "" if tr is not None else None
-        return results
+        return [c.result for c in rows]
 
     # only each row's last real position: the graph skips the lm_head for the other prompt tokens
     last = np.asarray(model.start(ids, logits="last"))[:, 0, :]  # (B, V)
     live = np.ones(B, dtype=bool)
-    ends = [0] * B  # per row, where the kept text ends
     pad = model.pad_token_id
     for step in range(max_new_tokens):
         nxt = next_tokens(last, params, rng, seen)  # (B,)
         for b in np.flatnonzero(live):
             t = int(nxt[b])
-            r = results[b]
-            r.token_ids.append(t)
             if seen is not None:
                 seen[b].append(t)
-            tr = trackers[b]
-            delta = ""
-            if t in stops:
-                r.finish_reason = "stop_token"
-                live[b] = False
-                if tr is not None:  # the stop token's own text is not part of the result
-                    _, ends[b] = tr.update(r.token_ids[:-1])
-            elif tr is not None:
-                hit, ends[b] = tr.update(r.token_ids)
-                if hit is not None:
-                    r.finish_reason = "stop_string"
-                    live[b] = False
-            if tr is not None:
-                delta = tr.delta(ends[b], final=not live[b] or step == max_new_tokens - 1)
+            delta = rows[b].push(t)
+            live[b] = not rows[b].finished
             if on_token is not None:
                 on_token(int(b), t, delta)
-        if not live.any() or step == max_new_tokens - 1:
+        if not live.any():
             break
         feed = np.where(live, nxt, pad)  # finished rows step on padding; their outputs are ignored
         last = model.step(feed)
-    for b, (r, tr) in enumerate(zip(results, trackers)):
-        if tr is not None:
-            r.text = tr.text[: ends[b]]
-    return results
+    return [c.result for c in rows]

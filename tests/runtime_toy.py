@@ -21,7 +21,9 @@ from kvtrace import io_spec
 
 def build_toy(out_dir: Path, *, layout: str = "static", vocab: int = 320, max_seq: int = 32,
               max_batch: int = 4, n_layers: int = 2, tokenizer: dict | None = {"type": "builtin-bytes"},
-              format_version: int = io_spec.FORMAT_VERSION, eos: int | None = 0) -> Path:
+              format_version: int = io_spec.FORMAT_VERSION, eos: int | None = 0,
+              nan_token: int | None = None) -> Path:
+    """nan_token: a token id whose logits are all NaN (a model that breaks on one input)."""
     import onnx
     from onnx import TensorProto as TP, helper as h
 
@@ -45,8 +47,13 @@ def build_toy(out_dir: Path, *, layout: str = "static", vocab: int = 320, max_se
         # logits (B, T, V) = one_hot((ids + 1) % V)
         h.make_node("Add", ["input_ids", "one"], ["nxt0"]),
         h.make_node("Mod", ["nxt0", "vocab"], ["nxt"]),
-        h.make_node("OneHot", ["nxt", "vocab", "onehot_vals"], ["logits"], axis=-1),
+        h.make_node("OneHot", ["nxt", "vocab", "onehot_vals"], ["logits" if nan_token is None else "logits0"],
+                    axis=-1),
     ]
+    if nan_token is not None:  # logits (B, T, V) = NaN where input_ids == nan_token
+        nodes += [h.make_node("Equal", ["input_ids", "nan_tok"], ["is_nan"]),  # (B, T)
+                  h.make_node("Unsqueeze", ["is_nan", "ax_last"], ["is_nan3"]),  # (B, T, 1)
+                  h.make_node("Where", ["is_nan3", "nan_val", "logits0"], ["logits"])]
     inits = [
         h.make_tensor("ax13", TP.INT64, [2], [1, 3]),
         h.make_tensor("upd_shape_tail", TP.INT64, [4], [1, 1, 1, hd]),
@@ -54,6 +61,9 @@ def build_toy(out_dir: Path, *, layout: str = "static", vocab: int = 320, max_se
         h.make_tensor("vocab", TP.INT64, [], [vocab]),
         h.make_tensor("onehot_vals", TP.FLOAT, [2], [0.0, 1.0]),
     ]
+    if nan_token is not None:
+        inits += [h.make_tensor("nan_tok", TP.INT64, [], [nan_token]), h.make_tensor("ax_last", TP.INT64, [1], [-1]),
+                  h.make_tensor("nan_val", TP.FLOAT, [], [float("nan")])]
     if layout == "static":
         nodes.append(h.make_node("Slice", ["position_ids", "z1", "o1", "o1"], ["pos0_2d"]))  # (B, 1)
         nodes.append(h.make_node("Squeeze", ["pos0_2d", "o1"], ["write_idx"]))  # (B,)
