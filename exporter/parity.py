@@ -19,29 +19,41 @@ Exit 0 (pass) or 1 (ParityFailure).
 """
 from __future__ import annotations
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError, ParityFailure
+from kvtrace.options import SEED_MAX, check_int, check_number
 from kvtrace.runtime import parity as harness
 
 
-def read_manifest(artifact) -> dict:
-    """The raw manifest dict, checked by the shared loader (format version, files present)."""
-    from kvtrace.manifest import load_manifest
+def read_manifest(artifact, *, verify: bool = True) -> dict:
+    """The raw manifest dict, checked by the shared loader (schema, files present) and, with
+    verify, every file's recorded size and sha256 (a corrupted weight file is named before the
+    comparison starts: parity over a few prompts cannot see every weight row)."""
+    from kvtrace.manifest import load_manifest, verify_files
 
-    return load_manifest(artifact).data
+    m = load_manifest(artifact)
+    if verify:
+        verify_files(m, full=True)
+    return m.data
 
 
 def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = None, steps: int = 16,
            batch: int = 2, backend: str = "auto", prompt_len: int | None = None, seed: int = 0,
-           tolerance: dict | None = None) -> dict:
-    """Run the comparison and return the report dict (report["passed"] is the verdict)."""
+           tolerance: dict | None = None, verify: bool = True) -> dict:
+    """Run the comparison and return the report dict (report["passed"] is the verdict).
+    verify: check every artifact file's sha256 against the manifest first (~1 s per GB)."""
     from kvtrace.configs import TOLERANCES
     from kvtrace.runtime.model import Model
 
-    if steps < 0:
-        raise KvtraceError(f"--steps {steps}: must be >= 0")
-    if batch < 1:
-        raise KvtraceError(f"--batch {batch}: must be >= 1")
-    manifest = read_manifest(artifact)
+    check_int("--steps", steps, 0)
+    check_int("--batch", batch, 1)
+    check_int("--seed", seed, 0, SEED_MAX)
+    if prompt_len is not None:
+        check_int("--prompt-len", prompt_len, 1)
+    for k, v in (tolerance or {}).items():
+        if v is not None:
+            check_number(f"tolerance {k}", v, 0.0, 1.0 if k == "top1" else None)
+    manifest = read_manifest(artifact, verify=verify)
     dtype = manifest["dtype"]
     if dtype not in TOLERANCES:
         raise KvtraceError(f"manifest dtype {dtype!r}: no tolerance in configs.TOLERANCES")
@@ -53,8 +65,11 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
     # cache room: the longest row needs prompt + steps slots
     room = min(x for x in (io.get("max_seq"), cfg.get("max_position")) if x)
     if prompt_len is None:
+        if steps + 1 > room:  # blame the option the user gave: not a --prompt-len they never passed
+            raise KvtraceError(f"--steps {steps}: the artifact holds {room} positions, so at most {room - 1} decode "
+                               "steps fit after a prompt of one token")
         prompt_len = min(16, room - steps)
-    if prompt_len < 1 or prompt_len + steps > room:
+    if prompt_len + steps > room:
         raise KvtraceError(f"--prompt-len {prompt_len} + --steps {steps} exceed the artifact's {room} positions")
     prompts = harness.make_prompts(batch, prompt_len, cfg["vocab_size"], seed,
                                    avoid=(cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id")))
@@ -69,7 +84,7 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         references.hf_reference(manifest, checkpoint)
     trace = harness.record(ref, prompts, steps)
     ref.close()  # its weights go before the artifact's session loads
-    m = Model.load(artifact, backend=backend)
+    m = Model.load(artifact, backend=backend)  # digests were checked above
     tol = {**TOLERANCES[dtype], **{k: v for k, v in (tolerance or {}).items() if v is not None}}
     result = harness.judge(harness.replay(m, trace), tol)
     return {
@@ -90,20 +105,26 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
 
 
 def add_arguments(p) -> None:
-    """The command's options (kvtrace/cli.py builds the parser)."""
-    p.add_argument("artifact")
+    """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
+    p.add_argument("artifact", type=options.existing_path)
     p.add_argument("--against", choices=["torch", "hf"], default="torch")
-    p.add_argument("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
-    p.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--checkpoint", type=options.existing_path,
+                   help="reference checkpoint (default: the one recorded in the manifest)")
+    p.add_argument("--steps", type=options.integer(0), default=16, help="decode steps after the prefill")
+    p.add_argument("--batch", type=options.integer(1), default=2)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--prompt-len", type=int, help="longest prompt; the others are shorter (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
-    p.add_argument("--max-abs", type=float, help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
-    p.add_argument("--max-rel", type=float,
+    p.add_argument("--prompt-len", type=options.integer(1),
+                   help="longest prompt; the others are shorter (default 16)")
+    p.add_argument("--seed", type=options.seed, default=0, help="seed of the random prompts")
+    p.add_argument("--json", dest="json_report", metavar="REPORT", type=options.existing_path,
+                   help="write the JSON report here")
+    p.add_argument("--max-abs", type=options.number(0.0),
+                   help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
+    p.add_argument("--max-rel", type=options.number(0.0),
                    help="override the dtype's relative tolerance (fraction of the std of the reference's logits)")
-    p.add_argument("--min-top1", type=float, help="override the dtype's minimum top-1 agreement")
+    p.add_argument("--min-top1", type=options.number(0.0, 1.0), help="override the dtype's minimum top-1 agreement")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact's files (sizes are still checked)")
 
 
 def main(args) -> int:
@@ -113,9 +134,11 @@ def main(args) -> int:
         d = Path(args.json_report).absolute().parent
         if not d.is_dir():
             raise KvtraceError(f"--json {args.json_report}: directory {d} does not exist")
+        if Path(args.json_report).is_dir():
+            raise KvtraceError(f"--json {args.json_report}: is a directory; name a file")
     report = parity(args.artifact, against=args.against, checkpoint=args.checkpoint, steps=args.steps,
                     batch=args.batch, backend=args.backend, prompt_len=getattr(args, "prompt_len", None),
-                    seed=getattr(args, "seed", 0),
+                    seed=getattr(args, "seed", 0), verify=not getattr(args, "no_verify", False),
                     tolerance={"max_abs": args.max_abs, "max_rel": args.max_rel, "top1": args.min_top1})
     print(harness.format_table(report))
     if getattr(args, "json_report", None):

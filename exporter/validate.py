@@ -111,7 +111,7 @@ def _bf16_twin(art: Path, cfg, weights: Mapping, spec) -> Path:
     bf16-rounded weights."""
     from kvtrace.exporter import onnx_graph
     from kvtrace.exporter.export import write_onnx
-    from kvtrace.manifest import load_manifest, write_manifest
+    from kvtrace.manifest import file_digests, load_manifest, write_manifest
 
     twin = art / ".bf16-twin"
     twin.mkdir()
@@ -120,6 +120,7 @@ def _bf16_twin(art: Path, cfg, weights: Mapping, spec) -> Path:
     write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=False)
     data = dict(load_manifest(art).data)
     data["dtype"], data["external_data"], data["tokenizer"] = "float32", None, None
+    data["files"] = file_digests(twin, [io_spec.ONNX_NAME])  # the twin's own file, not the artifact's
     data["io"] = io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                vocab_size=cfg.vocab_size, dtype="float32", layout=spec.layout,
                                max_seq=spec.max_seq, max_batch=spec.max_batch)
