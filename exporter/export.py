@@ -372,7 +372,7 @@ def add_arguments(p) -> None:
                    help="largest batch the artifact is profiled for (default 8)")
     p.add_argument("--opset", type=options.integer(1, 1000), default=None,
                    help="ONNX opset: 24 (fused, default) or 17 (portable)")
-    p.add_argument("--out", type=options.out_dir, help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
+    p.add_argument("--out", type=options.artifact_out, help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
     p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
@@ -402,6 +402,8 @@ def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     layout = args.cache
     t0 = time.perf_counter()
+    if args.out and args.checkpoint:  # --force must never replace (or hold) the input
+        options.check_apart(args.out, "--out", Path(args.checkpoint), "--checkpoint")
     if args.out and (args.out.exists() or args.out.is_symlink()):  # refuse before spending time on weights
         files.check_replaceable(args.out, force=args.force, is_ours=manifest_mod.not_an_artifact)
     if args.checkpoint:
@@ -412,8 +414,6 @@ def main(args) -> int:
         ckpt = Path(args.checkpoint)
         if not ckpt.is_dir():
             raise KvtraceError(f"--checkpoint {ckpt}: not a directory (expected config.json + *.safetensors)")
-        if args.out:  # before anything is read: --force must never replace (or hold) the input
-            options.check_apart(args.out, "--out", ckpt, "--checkpoint")
         _log(f"loading {ckpt} ...")
         loaded = load_checkpoint(ckpt, allow_pickle=args.allow_pickle)
         model, cfg = loaded.model, loaded.config

@@ -106,7 +106,7 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
 
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
-    p.add_argument("artifact", type=options.existing_path)
+    p.add_argument("artifact", type=options.artifact_path)
     p.add_argument("--against", choices=["torch", "hf"], default="torch")
     p.add_argument("--checkpoint", type=options.existing_path,
                    help="reference checkpoint (default: the one recorded in the manifest)")

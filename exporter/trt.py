@@ -319,7 +319,7 @@ def commit_engine(d: Path, blob, data: dict) -> None:
 
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
-    p.add_argument("artifact", type=options.existing_path)
+    p.add_argument("artifact", type=options.artifact_path)
     p.add_argument("--max-batch", type=options.integer(1))
     p.add_argument("--max-seq", type=options.integer(1))
     p.add_argument("--opt-batch", type=options.integer(1))

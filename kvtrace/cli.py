@@ -90,6 +90,11 @@ def parser(command: str | None = None) -> tuple[argparse.ArgumentParser, object]
     return ap, module
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a wrapped third-party message may span several)."""
+    return " ".join(str(e).split())
+
+
 def _command_word(argv) -> str | None:
     for a in argv:
         if not a.startswith("-"):
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     except KvtraceError as e:
         if debug:
             raise
-        print(f"kvtrace: {e.label}: {e}", file=sys.stderr)
+        print(f"kvtrace: {e.label}: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kvtrace: interrupted", file=sys.stderr)
@@ -141,7 +146,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        print(f"kvtrace: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
+        print(f"kvtrace: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the traceback)",
               file=sys.stderr)
         return 3
 

@@ -185,7 +185,8 @@ class ModelConfig:
         missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ConfigError(f"model config lacks field(s) {missing}", field=missing[0], reason="missing")
+            raise ConfigError(f"model config lacks field(s) {missing}", field=missing[0],
+                              reason="a required field is missing")
         return cls(**d)
 
     def replace(self, **kw) -> "ModelConfig":

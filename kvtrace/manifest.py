@@ -145,6 +145,10 @@ def _bad(path, key: str, msg: str):
     raise KvtraceError(f"{path}: manifest key '{key}': {msg}")
 
 
+def _got(v) -> str:
+    return "null" if v is None else f"{_tname(v)} {v!r}"
+
+
 def _tname(v) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
             float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
@@ -166,7 +170,7 @@ def _int(path, key: str, v, lo: int | None = None, hi: int | None = None, *, nul
     if v is None and null:
         return None
     if not _is_int(v):
-        _bad(path, key, f"expected an integer{' or null' if null else ''}, got {_tname(v)} {v!r}")
+        _bad(path, key, f"expected an integer{' or null' if null else ''}, got {_got(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         _bad(path, key, f"{v} is out of range (expected {rng})")
@@ -177,7 +181,7 @@ def _str(path, key: str, v, choices=None, *, null: bool = False) -> str | None:
     if v is None and null:
         return None
     if not isinstance(v, str):
-        _bad(path, key, f"expected a string{' or null' if null else ''}, got {_tname(v)} {v!r}")
+        _bad(path, key, f"expected a string{' or null' if null else ''}, got {_got(v)}")
     if choices is not None and v not in choices:
         _bad(path, key, f"{v!r} is not one of {', '.join(choices)}")
     return v
@@ -291,6 +295,7 @@ def check_manifest(data: dict, path) -> None:
     src = _obj(path, "source", data.get("source"), null=True) or {}
     for k in ("kind", "path", "sha256"):
         _str(path, f"source.{k}", src.get(k), null=True)
+    _int(path, "source.seed", src.get("seed"), 0, 2**64 - 1, null=True)
     for k in ("graph", "validation"):
         _obj(path, k, data.get(k), null=True)
 

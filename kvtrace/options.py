@@ -151,6 +151,23 @@ def out_dir(s: str) -> Path:
     return p
 
 
+def artifact_path(s: str) -> Path:
+    """argparse type: an artifact directory (to read, or --out to write). Its path must be UTF-8:
+    onnxruntime and TensorRT take file names as UTF-8 strings and cannot open any other."""
+    if not s or not s.strip():
+        _fail("empty path")
+    bad = utf8_problem(s)
+    if bad:
+        _fail(f"the path is {bad.split(';')[0]}; onnxruntime cannot open such a path: use a UTF-8 name")
+    return Path(s)
+
+
+def artifact_out(s: str) -> Path:
+    """argparse type: --out of `kvtrace export` (out_dir's rules and artifact_path's)."""
+    artifact_path(s)
+    return out_dir(s)
+
+
 def existing_path(s: str) -> str:
     """argparse type: a non-empty path (existence is checked, with a message, by the command)."""
     if not s:

@@ -53,7 +53,7 @@ def _get(d: dict, key: str, arch_name: str, default: Any = _MISSING, kind: type 
 
 def _activation(d: dict, key: str, default: str) -> str:
     name = d.get(key) or default
-    if name not in _ACTIVATIONS:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
         raise ConfigError(f"config.json field '{key}': unsupported activation {name!r}; "
                           f"supported: {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
@@ -79,12 +79,16 @@ def _rope(d: dict, head_dim: int, max_position: int, *, theta_key: str = "rope_t
                     `rotary_pct`) and an optional {"rope_scaling": {"type" | "rope_type", <scaling>}}.
     Both give the same ModelConfig.
     """
+    if isinstance(d.get("rope_parameters"), dict) and d.get("rope_scaling"):
+        # transformers 5 would take rope_scaling and drop rope_parameters' values: ambiguous
+        raise ConfigError("config.json has both 'rope_parameters' and 'rope_scaling'; keep one (transformers 5 "
+                          "writes rope_parameters, older versions rope_scaling with a top-level rope_theta)")
     if isinstance(d.get("rope_parameters"), dict):
         src, p = "rope_parameters", dict(d["rope_parameters"])
     else:
-        src, p = "rope_scaling", dict(d.get("rope_scaling") or {})
         if "rope_scaling" in d and d["rope_scaling"] is not None and not isinstance(d["rope_scaling"], dict):
             raise ConfigError(f"config.json field 'rope_scaling': expected an object, got {d['rope_scaling']!r}")
+        src, p = "rope_scaling", dict(d.get("rope_scaling") or {})
     type_key = "type" if ("type" in p and "rope_type" not in p) else "rope_type"
     rope_type = p.get(type_key) or "default"
     if rope_type not in ROPE_TYPES:
@@ -248,9 +252,11 @@ def _naming_keys(make: Callable[[dict], ModelConfig], model_type: str) -> Callab
             if not e.field or str(e).startswith("config.json"):
                 raise
             f = e.field
+            rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None
             if f.startswith("rope_params."):
-                src = "rope_parameters" if isinstance(d.get("rope_parameters"), dict) else "rope_scaling"
-                key = f"{src}.{f.split('.', 1)[1]}"
+                key = f"{'rope_parameters' if rp is not None else 'rope_scaling'}.{f.split('.', 1)[1]}"
+            elif rp is not None and f in ("rope_theta", "rotary_dim"):
+                key = "rope_parameters." + ("rope_theta" if f == "rope_theta" else "partial_rotary_factor")
             else:
                 key = _HF_KEYS_BY_TYPE.get(model_type, {}).get(f, _HF_KEYS.get(f, f))
             raise ConfigError(f"config.json field '{key}': {e.reason}", field=f, reason=e.reason) from None
@@ -323,12 +329,12 @@ def adapter_for(hf_config: dict) -> Adapter:
     supported = ", ".join(ADAPTERS)
     if archs:
         name = archs[0] if isinstance(archs, list) else archs
-        if name not in ADAPTERS:
+        if not isinstance(name, str) or name not in ADAPTERS:
             raise ConfigError(f"config.json field 'architectures': unsupported architecture {name!r}; "
                               f"supported: {supported}")
         return ADAPTERS[name]
     mt = hf_config.get("model_type")
-    if mt in _BY_MODEL_TYPE:
+    if isinstance(mt, str) and mt in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[mt]
     raise ConfigError(f"config.json: unsupported or missing architecture (fields 'architectures' and "
                       f"'model_type' = {mt!r}); supported: {supported} "

@@ -175,7 +175,13 @@ def convert(bin_path, out_dir, *, force: bool = False) -> Path:
     tmp, made_parents = files.staging_dir(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors (a full disk) as its own type
+            if isinstance(e, (OSError, KvtraceError)):
+                raise
+            raise KvtraceError(f"--out {out}: writing model.safetensors failed ({e}); nothing was left behind") \
+                from None
         marker = {"kvtrace_version": __version__, "written_by": "kvtrace convert-llama2c",
                   "source": str(bin_path.absolute()), "source_sha256": files.sha256_file(bin_path),
                   "files": file_digests(tmp, ["config.json", "model.safetensors"])}

@@ -50,7 +50,7 @@ class Backend(Protocol):
 BackendFactory = Callable[..., Backend]
 _REGISTRY: dict[str, BackendFactory] = {}
 # names whose module registers them when imported (kept lazy: tensorrt is optional)
-_LAZY: dict[str, str] = {"tensorrt": "runtime.trt_backend"}
+_LAZY: dict[str, str] = {"tensorrt": "kvtrace.runtime.trt_backend"}
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:

@@ -263,7 +263,7 @@ def format_table(r: dict) -> str:
 
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
-    p.add_argument("artifact", type=options.existing_path)
+    p.add_argument("artifact", type=options.artifact_path)
     p.add_argument("--backend", default="auto")
     p.add_argument("--batch", type=options.integer(1), nargs="+", default=[1])
     p.add_argument("--prompt-len", type=options.integer(1), default=128)

@@ -11,7 +11,7 @@ from .sampling import REPETITION_PENALTY_RANGE
 
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
-    p.add_argument("artifact", type=options.existing_path)
+    p.add_argument("artifact", type=options.artifact_path)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", type=options.text, help="one or more text prompts (run as one batch)")
     src.add_argument("--input-ids", nargs="+", type=options.token_ids,

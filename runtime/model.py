@@ -87,7 +87,9 @@ class Model:
         verify=True checks the sha256 of every file, however large."""
         artifact_dir = Path(artifact_dir)
         if not artifact_dir.is_dir():
-            raise KvtraceError(f"artifact directory {artifact_dir} not found")
+            what = "is not a directory" if artifact_dir.exists() else "not found"
+            raise KvtraceError(f"artifact directory {artifact_dir} {what} (an artifact is the directory "
+                               "`kvtrace export` writes)")
         manifest = _load_manifest(artifact_dir)
         from kvtrace.manifest import verify_files
 
