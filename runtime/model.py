@@ -147,7 +147,7 @@ class Model:
             raise KvtraceError(f"{what}: token id {big} does not fit in int64 (valid ids 0..{self.config.vocab_size - 1})")
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise KvtraceError(f"{what}: expected a flat list of integer token ids (0..{self.config.vocab_size - 1}), "
-                               f"got {str(list(p)[:8])[:80]}")
+                               f"got {repr(p)[:80]}")
         if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
             raise KvtraceError(f"{what}: token id {int(arr.max())} does not fit in int64")
         return arr.astype(np.int64)

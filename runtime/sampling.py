@@ -64,7 +64,11 @@ class SamplingParams:
 def check_finite(logits: np.ndarray, *, step: int | None = None, rows: np.ndarray | None = None) -> None:
     """Raise NonFiniteLogits when a row of `logits` (B, V) that is about to be sampled (`rows`, a
     (B,) bool mask; None: all) holds NaN or +-Inf. The message names the step and the row."""
-    x = logits if rows is None else logits[np.asarray(rows, dtype=bool)]  # (B_live, V)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=bool)
+        if rows.all():
+            rows = None
+    x = logits if rows is None else logits[rows]  # (B_live, V); a copy only once some rows finished
     if np.isfinite(x).all():
         return
     live = np.arange(len(logits)) if rows is None else np.flatnonzero(rows)
