@@ -1,7 +1,8 @@
 """Next-token choice from logits, in numpy. No torch.
 
 Order per step (the order transformers' generate applies its processors in):
-  non-finite guard -> repetition penalty -> greedy argmax, or temperature -> top-k -> top-p -> draw.
+  non-finite guard -> repetition penalty -> greedy argmax, or top-k -> temperature -> top-p -> draw
+  (top-k before the temperature keeps the same k entries as after it, for any temperature > 0).
 Repetition penalty follows transformers: for every token id already in the row (prompt and
 generated), a positive logit is divided by the penalty and a negative one multiplied by it.
 
