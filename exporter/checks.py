@@ -1,7 +1,8 @@
 """Checks of what `kvtrace export` copies and writes (docs/validation.md):
 
-  checked(weights, where)       a weight mapping that refuses NaN/Inf: the first tensor holding
-                                one raises KvtraceError naming it (where(name) says which
+  checked(weights, where, dtype) a weight mapping that refuses NaN/Inf (and values the export
+                                dtype would turn into Inf, e.g. 7e4 for float16): the first tensor
+                                holding one raises KvtraceError naming it (where(name) says which
                                 checkpoint tensor it came from), when the tensor is first read.
                                 Any weight mapping can be wrapped (the torch model's, a
                                 streamed safetensors reader's); wrapping twice is a no-op.
@@ -48,11 +49,34 @@ def first_non_finite(arr: np.ndarray) -> tuple[int, ...] | None:
     return None
 
 
-class Checked(Mapping):
-    """A weight mapping whose tensors are checked for NaN/Inf when first read (see `checked`)."""
+def first_overflow(arr: np.ndarray, dtype: str) -> tuple[int, ...] | None:
+    """Index of the first (finite) value that becomes Inf when cast to `dtype` ("float16":
+    magnitudes from 65520 up; "bfloat16": from about 3.3961e38), or None."""
+    if dtype not in ("float16", "bfloat16"):
+        return None
+    a = np.asarray(arr)
+    if a.dtype.name == dtype:
+        return None
+    import ml_dtypes
 
-    def __init__(self, inner: Mapping, where: Callable[[str], str]):
-        self._inner, self._where = inner, where
+    target = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    flat = a.reshape(-1)
+    with np.errstate(over="ignore"):
+        for i in range(0, flat.size, _PIECE):
+            piece = np.abs(flat[i:i + _PIECE].astype(np.float32))
+            j = int(np.argmax(piece)) if piece.size else 0
+            if piece.size and np.isinf(np.float32(piece[j]).astype(target)):  # the largest overflows: find the first
+                bad = np.isinf(piece.astype(target))
+                return tuple(int(k) for k in np.unravel_index(i + int(np.argmax(bad)), a.shape))
+    return None
+
+
+class Checked(Mapping):
+    """A weight mapping whose tensors are checked for NaN/Inf (and, for a float16/bfloat16
+    export, for values that would become Inf in that dtype) when first read (see `checked`)."""
+
+    def __init__(self, inner: Mapping, where: Callable[[str], str], dtype: str | None = None):
+        self._inner, self._where, self._dtype = inner, where, dtype
         self._ok: set[str] = set()  # names already checked (the builder reads shapes first, then data)
 
     def __getitem__(self, name):
@@ -64,6 +88,12 @@ class Checked(Mapping):
                 raise KvtraceError(f"{self._where(name)} holds a non-finite value ({float(v)}) at index "
                                    f"{list(at)}: the checkpoint is damaged or was saved from a diverged run; "
                                    "nothing was exported")
+            at = first_overflow(arr, self._dtype) if self._dtype else None
+            if at is not None:
+                v = float(np.asarray(arr)[at])
+                raise KvtraceError(f"{self._where(name)} holds {v:g} at index {list(at)}, beyond the range of "
+                                   f"{self._dtype} (it would be stored as Inf); export it in float32"
+                                   f"{' or --bf16' if self._dtype == 'float16' else ''}; nothing was exported")
             self._ok.add(name)
         return arr
 
@@ -74,12 +104,13 @@ class Checked(Mapping):
         return len(self._inner)
 
 
-def checked(weights: Mapping, where: Callable[[str], str] | None = None) -> Mapping:
-    """`weights` with every tensor checked for NaN/Inf on first read; where(name) describes the
-    tensor for the message (default: "weight 'NAME'")."""
+def checked(weights: Mapping, where: Callable[[str], str] | None = None, dtype: str | None = None) -> Mapping:
+    """`weights` with every tensor checked for NaN/Inf on first read, and for values the export
+    dtype (`dtype`: "float16" / "bfloat16") cannot hold; where(name) describes the tensor for the
+    message (default: "weight 'NAME'")."""
     if isinstance(weights, Checked):
         return weights
-    return Checked(weights, where or (lambda n: f"weight '{n}'"))
+    return Checked(weights, where or (lambda n: f"weight '{n}'"), dtype)
 
 
 # ----------------------------------------------------------------------------- read-back

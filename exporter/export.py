@@ -257,7 +257,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     if out.exists() or out.is_symlink():
         files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
 
-    weights = checks.checked(weights, where)  # NaN/Inf refused, naming the tensor
+    weights = checks.checked(weights, where, spec.dtype)  # NaN/Inf (or beyond the dtype) refused, naming the tensor
     tmp, made_parents = files.staging_dir(out)
     try:
         graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log)

@@ -85,9 +85,12 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     for note in report["notes"]:
         log(f"note: {note}")
     if not report["passed"]:
+        hint = ""
+        if not report["summary"]["finite"] and spec.dtype == "float16":  # the weights were checked finite
+            hint = "; the activations overflow float16 (GPT-NeoX and XGLM are known to): export with --bf16 or fp32"
         raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
                             f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
-                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]})")
+                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]}){hint}")
     s = report["summary"]
     return {"method": method, "reference": "kvtrace torch model (fp32)", "harness": "kvtrace.runtime.parity",
             "prompt_lengths": [len(p) for p in prompts], "steps": steps,

@@ -593,6 +593,34 @@ def test_non_finite_checkpoint_tensor_named(ckpt, tmp_path, capsys, value, extra
     assert "parity" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_weight_beyond_float16_named(ckpt, tmp_path, capsys):
+    """A finite weight that float16 cannot hold (7e4) would be written as Inf: refused for --fp16,
+    naming the tensor, instead of a parity failure; fine in fp32."""
+    def big(t):
+        k = "model.layers.0.self_attn.o_proj.weight"
+        t[k] = t[k].copy()
+        t[k][2, 1] = 7e4
+
+    ck = copy_ckpt(ckpt, tmp_path / "ck", tensors=big)
+    rc, _, err = run(capsys, "export", "--checkpoint", ck, "--out", tmp_path / "out", "--max-seq", "16", "--fp16")
+    assert rc == 2 and "'model.layers.0.self_attn.o_proj.weight'" in err and "beyond the range of float16" in err
+    assert "[2, 1]" in err and not (tmp_path / "out").exists()
+
+
+def test_parity_reference_with_nan_is_not_blamed_on_the_artifact(ckpt, tmp_path, capsys):
+    rc, _, err = run(capsys, "export", "--checkpoint", ckpt, "--out", tmp_path / "art", "--max-seq", "16",
+                     "--no-validate")
+    assert rc == 0, err
+
+    def poison(t):
+        k = "model.embed_tokens.weight"
+        t[k] = np.full_like(t[k], np.nan)
+
+    bad = copy_ckpt(ckpt, tmp_path / "ck", tensors=poison)
+    rc, out, err = run(capsys, "parity", tmp_path / "art", "--checkpoint", bad, "--steps", "1")
+    assert rc == 2 and "reference model" in err and "non-finite logits in the prefill" in err and out == ""
+
+
 CONFIG_CASES = [
     ("rope factor text", lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": "abc", "rope_theta": 1e4}),
      "'rope_parameters.factor'"),
