@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtrace import configs, files
+from kvtrace import configs, files, options
 from kvtrace import manifest as manifest_mod
-from kvtrace.exporter import gpu_form, onnx_graph
+from kvtrace.exporter import checks, gpu_form, onnx_graph
 from kvtrace import io_spec
 from kvtrace.config import ARCHITECTURES
 from kvtrace.errors import KvtraceError
@@ -224,13 +224,14 @@ class ExportSpec:
 
 
 def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, force: bool = False,
-                 release_weights: bool = False, log=None, **options) -> Path:
+                 release_weights: bool = False, log=None, where=None, **options) -> Path:
     """Export `model` (a kvtrace.models.transformer.Transformer) to the artifact directory
     `out_dir`; `options` are ExportSpec.make's (dtype, layout, max_seq, max_batch, opset, attend,
     external_data, validate). The model itself is the validation reference (in fp32).
 
     release_weights: free the model's parameters once they are written and the reference has
     run (the model is unusable afterwards), so onnxruntime's validation does not sit beside them.
+    where(name): the checkpoint tensor a canonical weight came from, for messages (NaN/Inf).
     """
     spec = ExportSpec.make(model.cfg, **options)
     reference = None
@@ -239,18 +240,24 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
 
         reference = TorchReference(model, {"kind": "export", "dtype": "float32"})
     return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
-                           source=source, force=force, log=log, model=model if spec.via == "trace" else None,
+                           source=source, force=force, log=log, where=where,
+                           model=model if spec.via == "trace" else None,
                            release=(lambda: _release(model)) if release_weights else None)
 
 
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
-                    source: dict | None = None, force: bool = False, log=None, release=None, model=None) -> Path:
+                    source: dict | None = None, force: bool = False, log=None, release=None, model=None,
+                    where=None) -> Path:
     """Write the artifact for (cfg, weights) to `out_dir`: graph, tokenizer, manifest, validation.
 
     weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing.
     reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), required when
     spec.validate. release(): called once the reference has run and the weights are written.
-    tokenizer: None, a path to a tokenizer.json to copy, or "builtin-bytes".
+    tokenizer: None, a path to a tokenizer.json to copy (it must load and its ids fit the
+    vocabulary), or "builtin-bytes".
+    Every weight is checked for NaN/Inf when first read (exporter/checks.py `checked`; where(name)
+    names its checkpoint tensor), and with validation every written weight is read back and
+    compared with its source (checks.check_initializers).
     model: the torch model to trace (spec.via == "trace" only).
     Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation); in both
     cases nothing is left at `out_dir` or beside it.
@@ -262,6 +269,9 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         tok_path = Path(tokenizer)
         if not tok_path.is_file():
             raise KvtraceError(f"tokenizer file {tok_path} not found")
+        from kvtrace.runtime.tokenizer import check_tokenizer_file
+
+        check_tokenizer_file(tok_path, cfg.vocab_size)  # before any graph is built
     if spec.validate and reference is None:
         raise KvtraceError("export validation needs a reference model")
     if spec.via == "trace" and model is None:
@@ -269,9 +279,12 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     if out.exists() or out.is_symlink():
         files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
 
+    weights = checks.checked(weights, where, spec.dtype)  # NaN/Inf (or beyond the dtype) refused, naming the tensor
     tmp, made_parents = files.staging_dir(out)
     try:
         graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log, model)
+        readback = checks.check_initializers(tmp / io_spec.ONNX_NAME, inits, lambda m: log("validate: " + m)) \
+            if spec.validate else None
         gpu_sk = None
         if spec.target == "gpu":
             gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, dtype=spec.dtype, max_seq=spec.max_seq,
@@ -289,6 +302,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             manifest["validation"] = validate.validate_artifact(
                 tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model,
                 log=lambda m: log("validate: " + m))
+            manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
             if gpu_sk is not None:
                 manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME)
                 log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
@@ -414,21 +428,25 @@ def _release(model) -> None:
 
 # --------------------------------------------------------------------------------- CLI
 def add_arguments(p) -> None:
-    """The command's options (kvtrace/cli.py builds the parser)."""
+    """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
     p.add_argument("--arch", choices=ARCHITECTURES,
                    help="architecture; read from config.json when --checkpoint is given")
-    p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--checkpoint", type=options.existing_path,
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fp16", action="store_true", help="store weights and compute in float16")
     g.add_argument("--bf16", action="store_true", help="store weights and compute in bfloat16")
     p.add_argument("--cache", choices=io_spec.LAYOUTS, default="static", help="KV cache layout")
-    p.add_argument("--max-seq", type=int, help="static cache length / longest sequence (default min(2048, model max))")
-    p.add_argument("--max-batch", type=int, help="largest batch the artifact is profiled for (default 8)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset: 24 (fused, default) or 17 (portable)")
+    p.add_argument("--max-seq", type=options.integer(1),
+                   help="static cache length / longest sequence (default min(2048, model max))")
+    p.add_argument("--max-batch", type=options.integer(1, 1 << 16),
+                   help="largest batch the artifact is profiled for (default 8)")
+    p.add_argument("--opset", type=options.integer(1, 1000), default=None,
+                   help="ONNX opset: 24 (fused, default) or 17 (portable)")
     p.add_argument("--via", choices=VIAS, default="build",
                    help="build: the graph built from the config (default; fast, low memory); trace: traced "
                         "from the reference PyTorch model by torch.onnx (opset 24 only; needs kvtrace[trace])")
-    p.add_argument("--out", help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
+    p.add_argument("--out", type=options.artifact_out, help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
     p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
@@ -436,13 +454,35 @@ def add_arguments(p) -> None:
     p.add_argument("--target", choices=TARGETS, default="cpu",
                    help="gpu: also write model.gpu.onnx, the form with value-independent shapes that "
                         "onnxruntime-cuda and TensorRT use (CUDA graphs); implies --external-data")
-    p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="do not copy the checkpoint's tokenizer.json (the artifact then takes token ids only)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is an artifact kvtrace wrote (never any other directory)")
+
+
+def _tensor_names(loaded, ckpt: Path):
+    """where(canonical name) -> the checkpoint tensor it came from, for messages."""
+    from kvtrace.models.hf import adapter_for, weight_table
+
+    hf_of = {}
+    try:
+        for hf, canon in weight_table(adapter_for(loaded.hf_config), loaded.config).items():
+            for c in canon:
+                hf_of[c] = hf
+    except KvtraceError:
+        pass
+    return lambda n: (f"checkpoint {ckpt}: tensor '{hf_of[n]}' (parameter {n})" if n in hf_of
+                      else f"checkpoint {ckpt}: parameter {n}")
 
 
 def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     layout = args.cache
     t0 = time.perf_counter()
+    if args.out and args.checkpoint:  # --force must never replace (or hold) the input
+        options.check_apart(args.out, "--out", Path(args.checkpoint), "--checkpoint")
+    if args.out and (args.out.exists() or args.out.is_symlink()):  # refuse before spending time on weights
+        files.check_replaceable(args.out, force=args.force, is_ours=manifest_mod.not_an_artifact)
     if args.checkpoint:
         try:
             from kvtrace.models.checkpoint import load_checkpoint
@@ -457,7 +497,8 @@ def main(args) -> int:
         if args.arch and args.arch != cfg.arch:
             raise KvtraceError(f"--arch {args.arch} disagrees with {ckpt / 'config.json'}, which describes a "
                                f"{cfg.arch} model; drop --arch or pass --arch {cfg.arch}")
-        tokenizer = loaded.tokenizer_file
+        tokenizer = None if args.no_tokenizer else loaded.tokenizer_file
+        where = _tensor_names(loaded, ckpt)
         source = {"kind": "checkpoint", "path": str(ckpt.absolute()), "sha256": loaded.digest, "seed": None}
         del loaded
     else:
@@ -469,7 +510,8 @@ def main(args) -> int:
         cfg = configs.BUILTIN[args.arch]
         _log(f"building the built-in {args.arch} model (random weights, seed {configs.BUILTIN_SEED}) ...")
         model = None
-        tokenizer = "builtin-bytes"
+        where = None
+        tokenizer = None if args.no_tokenizer else "builtin-bytes"
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
     spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
                            opset=args.opset, target=args.target, via=args.via, external_data=args.external_data,
@@ -478,8 +520,10 @@ def main(args) -> int:
         model = random_model(cfg, configs.BUILTIN_SEED)
     _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")
     out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout)
+    if args.checkpoint:
+        options.check_apart(out, "--out", Path(args.checkpoint), "--checkpoint")
     export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
-                 **dataclasses.asdict(spec))
+                 where=where, **dataclasses.asdict(spec))
     _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {files.peak_rss_mb():.0f} MB)")
     print(out)
     return 0

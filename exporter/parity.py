@@ -25,34 +25,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError, ParityFailure
+from kvtrace.options import SEED_MAX, check_int, check_number
 from kvtrace.runtime import parity as harness
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_SEED = 16, 2, 0
 
 
-def read_manifest(artifact) -> dict:
-    """The raw manifest dict, checked by the shared loader (format version, files present)."""
-    from kvtrace.manifest import load_manifest
+def read_manifest(artifact, *, verify: bool = True) -> dict:
+    """The raw manifest dict, checked by the shared loader (schema, files present) and, with
+    verify, every file's recorded size and sha256 (a corrupted weight file is named before the
+    comparison starts: parity over a few prompts cannot see every weight row)."""
+    from kvtrace.manifest import load_manifest, verify_files
 
-    return load_manifest(artifact).data
+    m = load_manifest(artifact)
+    if verify:
+        verify_files(m, full=True)
+    return m.data
 
 
 def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = None, steps: int = DEFAULT_STEPS,
            batch: int = DEFAULT_BATCH, backend: str = "auto", prompt_len: int | None = None, seed: int = DEFAULT_SEED,
            tolerance: dict | None = None, save_golden: str | None = None, golden_top: int | None = None,
-           golden_sample: int | None = None, log=print) -> dict:
+           golden_sample: int | None = None, log=print, verify: bool = True) -> dict:
     """Run the comparison against a reference model and return the report dict
     (report["passed"] is the verdict). save_golden: also write the reference's run to this
-    golden file (kvtrace.runtime.golden), before the artifact runs."""
+    golden file (kvtrace.runtime.golden), before the artifact runs. verify: check every artifact
+    file's sha256 against the manifest first (~1 s per GB)."""
     from kvtrace.configs import TOLERANCES
     from kvtrace.runtime.model import Model
 
-    if steps < 0:
-        raise KvtraceError(f"--steps {steps}: must be >= 0")
-    if batch < 1:
-        raise KvtraceError(f"--batch {batch}: must be >= 1")
-    manifest = read_manifest(artifact)
+    check_int("--steps", steps, 0)
+    check_int("--batch", batch, 1)
+    check_int("--seed", seed, 0, SEED_MAX)
+    if prompt_len is not None:
+        check_int("--prompt-len", prompt_len, 1)
+    for k, v in (tolerance or {}).items():
+        if v is not None:
+            check_number(f"tolerance {k}", v, 0.0, 1.0 if k == "top1" else None)
+    manifest = read_manifest(artifact, verify=verify)
     dtype = manifest["dtype"]
     if dtype not in TOLERANCES:
         raise KvtraceError(f"manifest dtype {dtype!r}: no tolerance in configs.TOLERANCES")
@@ -64,8 +76,11 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
     # cache room: the longest row needs prompt + steps slots
     room = min(x for x in (io.get("max_seq"), cfg.get("max_position")) if x)
     if prompt_len is None:
+        if steps + 1 > room:  # blame the option the user gave: not a --prompt-len they never passed
+            raise KvtraceError(f"--steps {steps}: the artifact holds {room} positions, so at most {room - 1} decode "
+                               "steps fit after a prompt of one token")
         prompt_len = min(16, room - steps)
-    if prompt_len < 1 or prompt_len + steps > room:
+    if prompt_len + steps > room:
         raise KvtraceError(f"--prompt-len {prompt_len} + --steps {steps} exceed the artifact's {room} positions")
     avoid = (cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id"))
     prompts = harness.make_prompts(batch, prompt_len, cfg["vocab_size"], seed, avoid=avoid)
@@ -100,7 +115,7 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         log(f"golden: wrote {path} ({golden.size_summary(path)}; {batch} prompts, {steps} steps, "
             + ("every logit" if lg["top"] == lg["vocab"] else f"top-{lg['top']} + {lg['sample']} sampled of "
                f"{lg['vocab']} logits") + " per position)")
-    m = Model.load(artifact, backend=backend)
+    m = Model.load(artifact, backend=backend)  # digests were checked above
     result = harness.judge(harness.replay(m, trace), tol)
     return harness.make_report(manifest, artifact=artifact, backend=getattr(m, "backend_name", backend),
                                against=against, reference=ref.description, prompts=prompts, steps=steps,
@@ -108,11 +123,12 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
 
 
 def replay_golden(artifact: str, golden_file: str, *, backend: str = "auto", tolerance: dict | None = None,
-                  expect: dict | None = None) -> dict:
+                  expect: dict | None = None, verify: bool = True) -> dict:
     """--golden: the runtime alone (no torch, nothing from kvtrace.models). expect: prompt options
     given on the command line, which must agree with the golden's (it replays its own)."""
     from kvtrace.runtime import golden
 
+    read_manifest(artifact, verify=verify)  # a damaged artifact file is named first
     g = golden.load(golden_file)
     have = {"steps": g.steps, "batch": len(g.prompts), "prompt_len": max(len(p) for p in g.prompts),
             "seed": g.header["prompts"].get("seed")}
@@ -124,34 +140,37 @@ def replay_golden(artifact: str, golden_file: str, *, backend: str = "auto", tol
 
 
 def add_arguments(p) -> None:
-    """The command's options (kvtrace/cli.py builds the parser)."""
-    p.add_argument("artifact")
+    """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
+    p.add_argument("artifact", type=options.artifact_path)
     src = p.add_argument_group("reference (one of)")
     src.add_argument("--against", choices=["torch", "hf"], default=None,
                      help="a reference model: ours in PyTorch (default) or transformers; needs torch")
     src.add_argument("--golden", metavar="FILE",
                      help="a golden file recorded with --save-golden: replayed through the runtime only (no torch)")
-    p.add_argument("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
+    p.add_argument("--checkpoint", type=options.existing_path,
+                   help="reference checkpoint (default: the one recorded in the manifest)")
     p.add_argument("--save-golden", metavar="FILE",
                    help="also record the reference's run to this golden file (.npz) for later --golden replays")
-    p.add_argument("--golden-top", type=int, metavar="K",
+    p.add_argument("--golden-top", type=options.integer(1), metavar="K",
                    help="golden files: the largest logits kept per position (default 64)")
-    p.add_argument("--golden-sample", type=int, metavar="M",
+    p.add_argument("--golden-sample", type=options.integer(0), metavar="M",
                    help="golden files: further logits kept per position, sampled uniformly from the rest (default 64)")
-    p.add_argument("--steps", type=int, help=f"decode steps after the prefill (default {DEFAULT_STEPS})")
-    p.add_argument("--batch", type=int, help=f"prompt rows (default {DEFAULT_BATCH})")
+    p.add_argument("--steps", type=options.integer(0), help=f"decode steps after the prefill (default {DEFAULT_STEPS})")
+    p.add_argument("--batch", type=options.integer(1), help=f"prompt rows (default {DEFAULT_BATCH})")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
-    p.add_argument("--prompt-len", type=int, help="longest prompt; the others are shorter (default 16)")
-    p.add_argument("--seed", type=int, help=f"seed of the random prompts (default {DEFAULT_SEED})")
+    p.add_argument("--prompt-len", type=options.integer(1), help="longest prompt; the others are shorter (default 16)")
+    p.add_argument("--seed", type=options.seed, help=f"seed of the random prompts (default {DEFAULT_SEED})")
     out = p.add_argument_group("outputs (written atomically; their directories are checked before running)")
     out.add_argument("--json", dest="json_report", metavar="REPORT", help="write the JSON report here")
     out.add_argument("--junit-xml", metavar="FILE", help="JUnit XML: one test case per prompt row")
     out.add_argument("--summary", metavar="FILE", help="a short Markdown summary (for CI job pages)")
     out.add_argument("--plot", metavar="FILE.png", help="max |Δlogit| per step (needs matplotlib; skipped otherwise)")
-    p.add_argument("--max-abs", type=float, help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
-    p.add_argument("--max-rel", type=float,
+    p.add_argument("--max-abs", type=options.number(0.0), help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
+    p.add_argument("--max-rel", type=options.number(0.0),
                    help="override the dtype's relative tolerance (fraction of the std of the reference's logits)")
-    p.add_argument("--min-top1", type=float, help="override the dtype's minimum top-1 agreement")
+    p.add_argument("--min-top1", type=options.number(0.0, 1.0), help="override the dtype's minimum top-1 agreement")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the artifact's files (sizes are still checked)")
 
 
 OUTPUTS = (("json_report", "--json"), ("junit_xml", "--junit-xml"), ("summary", "--summary"), ("plot", "--plot"),
@@ -204,7 +223,8 @@ def main(args) -> int:
     if golden_file:
         report = replay_golden(args.artifact, golden_file, backend=args.backend, tolerance=tolerance,
                                expect={"steps": args.steps, "batch": args.batch,
-                                       "prompt_len": getattr(args, "prompt_len", None), "seed": args.seed})
+                                       "prompt_len": getattr(args, "prompt_len", None), "seed": args.seed},
+                               verify=not args.no_verify)
     else:
         steps = DEFAULT_STEPS if args.steps is None else args.steps
         report = parity(args.artifact, against=against or "torch", checkpoint=args.checkpoint, steps=steps,
@@ -212,7 +232,7 @@ def main(args) -> int:
                         prompt_len=getattr(args, "prompt_len", None),
                         seed=DEFAULT_SEED if args.seed is None else args.seed, tolerance=tolerance,
                         save_golden=getattr(args, "save_golden", None), golden_top=getattr(args, "golden_top", None),
-                        golden_sample=getattr(args, "golden_sample", None))
+                        golden_sample=getattr(args, "golden_sample", None), verify=not args.no_verify)
     table = harness.format_table(report)
     print(table)
     write_outputs(args, report, table, plot_skip)

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from kvtrace import files
+from kvtrace import files, options
 from kvtrace.errors import KvtraceError
-from kvtrace.manifest import load_manifest, write_manifest
+from kvtrace.manifest import load_manifest, verify_files
 from kvtrace.runtime.trt_backend import FLAVOURS, TrtLogger, gpu_compute_capability, import_tensorrt, normalize_cc
 
 ENGINE_NAME = "model.engine"
@@ -101,7 +102,11 @@ def _onnx_bytes(onnx_file: Path) -> tuple[bytes, list[str]]:
 
     from kvtrace.exporter.gpu_form import drop_attention_attribute
 
-    model = onnx.load(str(onnx_file), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_file), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
+        raise KvtraceError(f"{onnx_file}: not a readable ONNX model ({type(e).__name__}: {e}); "
+                           "export the artifact again") from None
     changed = drop_attention_attribute(model, "softmax_precision")
     return model.SerializeToString(), changed
 
@@ -142,8 +147,12 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
     plus "layers" and "engine_path"."""
     d = Path(artifact_dir)
     manifest = load_manifest(d)
+    # the engine is made from these bytes: every recorded digest is checked (a truncated or
+    # corrupted model.onnx / model.onnx.data is refused before a long build); ~1 s per GB
+    verify_files(manifest, full=True)
     data = dict(manifest.data)
     io = data["io"]
+    _check_writable(d, timing_cache)
     trt, flv = import_tensorrt(flavour)
     profiles, limits = plan_profiles(io, max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch,
                                      opt_seq=opt_seq)
@@ -182,7 +191,10 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
     if optimization_level is not None:
         config.builder_optimization_level = int(optimization_level)
     if timing_cache:
-        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        try:
+            blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        except OSError as e:
+            raise KvtraceError(f"--timing-cache {timing_cache}: cannot be read ({e.strerror or e})") from None
         cache = config.create_timing_cache(blob)
         if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
             raise KvtraceError(f"--timing-cache {timing_cache}: TensorRT cannot use this timing cache")
@@ -210,15 +222,16 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
                            + " | ".join(logger.errors[-3:]))
 
     engine_path = d / ENGINE_NAME
-    files.atomic_write_bytes(engine_path, blob)
-    if timing_cache:
+    blob = memoryview(blob)
+    if timing_cache:  # the user's cache file first: a failure here leaves the artifact as it was
         files.atomic_write_bytes(Path(timing_cache), config.get_timing_cache().serialize(), what="--timing-cache")
+    engine_sha = hashlib.sha256(blob).hexdigest()
 
     section = {
         "flavour": flv,
         "version": trt.__version__,
         "engine": ENGINE_NAME,
-        "engine_sha256": hashlib.sha256(memoryview(blob)).hexdigest(),
+        "engine_sha256": engine_sha,
         "onnx_sha256": files.sha256_file(onnx_file),
         "compute_capabilities": ccs or ["current"],
         "built_on_cc": built_on,
@@ -231,21 +244,85 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
         "layers": layers,
     }
     data["tensorrt"] = section
-    write_manifest(d, data)
+    data["files"] = {**(data.get("files") or {}), ENGINE_NAME: {"bytes": len(blob), "sha256": engine_sha}}
+    commit_engine(d, blob, data)
     return {**section, "engine_path": str(engine_path)}
 
 
+def _check_writable(d: Path, timing_cache) -> None:
+    """Before a build that may take minutes: the artifact directory is writable, and the
+    --timing-cache path can be read (if it exists) and written."""
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise KvtraceError(f"{d}: the artifact directory is not writable; the engine cannot be added")
+    if timing_cache:
+        tc = Path(timing_cache)
+        if tc.is_dir():
+            raise KvtraceError(f"--timing-cache {tc}: is a directory; name a file (e.g. {tc / 'timing.cache'})")
+        if not tc.parent.is_dir():
+            raise KvtraceError(f"--timing-cache {tc}: directory {tc.parent} does not exist")
+        if not os.access(tc.parent, os.W_OK | os.X_OK) or (tc.exists() and not os.access(tc, os.R_OK)):
+            raise KvtraceError(f"--timing-cache {tc}: cannot be read or written there")
+
+
+def commit_engine(d: Path, blob, data: dict) -> None:
+    """Put the new engine and the manifest that describes it in place together, or neither.
+
+    Both are written completely under temporary names first (fsynced); then the old engine is
+    kept under a hard link, the new engine is renamed onto model.engine and the new manifest onto
+    kvtrace.json. Any failure before the manifest's rename restores the old engine (or removes
+    the new one), so the directory is as it was. The one window left is a kill between the two
+    renames: the manifest's "files" digest of model.engine then no longer matches, and loading
+    says so instead of running a stale description.
+    """
+    from kvtrace import io_spec
+    from kvtrace.manifest import manifest_bytes
+
+    engine, mpath = d / ENGINE_NAME, d / io_spec.MANIFEST_NAME
+    staged: list[Path] = []
+    backup = None
+    swapped = False
+    try:
+        tmp_engine = files.stage_file(engine, blob)
+        staged.append(tmp_engine)
+        tmp_manifest = files.stage_file(mpath, manifest_bytes(data))
+        staged.append(tmp_manifest)
+        if engine.exists():
+            backup = d / f".{ENGINE_NAME}.old-{os.getpid()}"
+            backup.unlink(missing_ok=True)
+            os.link(engine, backup)
+        os.replace(tmp_engine, engine)
+        swapped = True
+        os.replace(tmp_manifest, mpath)
+        swapped = False
+    except BaseException as e:
+        if swapped:  # the new engine is in place but the manifest is not: undo
+            if backup is not None:
+                os.replace(backup, engine)
+                backup = None
+            else:
+                engine.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise KvtraceError(f"{d}: writing the engine failed ({e.strerror or e}); the artifact is unchanged") \
+                from None
+        raise
+    finally:
+        for t in staged:
+            t.unlink(missing_ok=True)
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
 def add_arguments(p) -> None:
-    """The command's options (kvtrace/cli.py builds the parser)."""
-    p.add_argument("artifact")
-    p.add_argument("--max-batch", type=int)
-    p.add_argument("--max-seq", type=int)
-    p.add_argument("--opt-batch", type=int)
-    p.add_argument("--opt-seq", type=int)
+    """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
+    p.add_argument("artifact", type=options.artifact_path)
+    p.add_argument("--max-batch", type=options.integer(1))
+    p.add_argument("--max-seq", type=options.integer(1))
+    p.add_argument("--opt-batch", type=options.integer(1))
+    p.add_argument("--opt-seq", type=options.integer(1))
     p.add_argument("--compute-capability", nargs="+", default=None,
                    help="target GPU(s), e.g. sm89 (needed to build on a machine without a GPU)")
-    p.add_argument("--timing-cache", help="timing cache file to read and update")
-    p.add_argument("--workspace", type=float, help="builder workspace limit in GB")
+    p.add_argument("--timing-cache", type=options.existing_path, help="timing cache file to read and update")
+    p.add_argument("--workspace", type=options.number(0.0, 1 << 20, lo_open=True), help="builder workspace limit in GB")
     p.add_argument("--optimization-level", type=int, choices=range(6), metavar="0-5",
                    help="TensorRT builder optimization level (default: TensorRT's, 3); 0 builds fastest")
     p.add_argument("--flavour", choices=FLAVOURS,

@@ -85,9 +85,12 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     for note in report["notes"]:
         log(f"note: {note}")
     if not report["passed"]:
+        hint = ""
+        if not report["summary"]["finite"] and spec.dtype == "float16":  # the weights were checked finite
+            hint = "; the activations overflow float16 (GPT-NeoX and XGLM are known to): export with --bf16 or fp32"
         raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
                             f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
-                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]})")
+                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]}){hint}")
     s = report["summary"]
     return {"method": method, "reference": "kvtrace torch model (fp32)", "harness": "kvtrace.runtime.parity",
             "prompt_lengths": [len(p) for p in prompts], "steps": steps,
@@ -110,7 +113,7 @@ def _bf16_twin(art: Path, cfg, weights: Mapping, spec, model=None) -> Path:
     """An fp32 artifact (inside `art`, removed afterwards) of the same graph (built, or traced from
     `model`) with the bf16-rounded weights."""
     from kvtrace.exporter.export import make_graph, write_onnx
-    from kvtrace.manifest import load_manifest, write_manifest
+    from kvtrace.manifest import file_digests, load_manifest, write_manifest
 
     twin = art / ".bf16-twin"
     twin.mkdir()
@@ -119,6 +122,8 @@ def _bf16_twin(art: Path, cfg, weights: Mapping, spec, model=None) -> Path:
     write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=False)
     data = dict(load_manifest(art).data)
     data["dtype"], data["external_data"], data["tokenizer"] = "float32", None, None
+    data.pop("graphs", None)  # the twin is model.onnx alone
+    data["files"] = file_digests(twin, [io_spec.ONNX_NAME])  # the twin's own file, not the artifact's
     data["io"] = io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                vocab_size=cfg.vocab_size, dtype="float32", layout=spec.layout,
                                max_seq=spec.max_seq, max_batch=spec.max_batch)

@@ -70,9 +70,17 @@ def _load(name: str, cmd: Command):
                            f"pip install 'kvtrace[{extra}]'") from e
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as ONE line (the option and what is wrong, plus
+    where to look), exit status 2 -- like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def parser(command: str | None = None) -> tuple[argparse.ArgumentParser, object]:
     """The parser, with the options of `command` only (the others are listed by name and help)."""
-    ap = argparse.ArgumentParser(prog="kvtrace", description=DESCRIPTION, epilog=EPILOG,
+    ap = _Parser(prog="kvtrace", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"kvtrace {__version__}")
     ap.add_argument("--debug", action="store_true", help="print Python tracebacks of errors")
@@ -87,6 +95,11 @@ def parser(command: str | None = None) -> tuple[argparse.ArgumentParser, object]
     return ap, module
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a wrapped third-party message may span several)."""
+    return " ".join(str(e).split())
+
+
 def _command_word(argv) -> str | None:
     for a in argv:
         if not a.startswith("-"):
@@ -97,15 +110,22 @@ def _command_word(argv) -> str | None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
+    try:  # a path given as non-UTF-8 bytes is printed back as the same bytes, not a crash
+        sys.stdout.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass
     try:
         word = _command_word(argv)
         ap, module = parser(word if word in COMMANDS else None)
-        args = ap.parse_args(argv)
+        try:
+            args = ap.parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error (already printed in one line)
+            return e.code if isinstance(e.code, int) else 2
         return int(module.main(args) or 0)
     except KvtraceError as e:
         if debug:
             raise
-        print(f"kvtrace: {e.label}: {e}", file=sys.stderr)
+        print(f"kvtrace: {e.label}: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kvtrace: interrupted", file=sys.stderr)
@@ -131,7 +151,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        print(f"kvtrace: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
+        print(f"kvtrace: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the traceback)",
               file=sys.stderr)
         return 3
 

@@ -23,7 +23,29 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 class ConfigError(KvtraceError, ValueError):
-    """A model configuration that cannot describe a model we can build."""
+    """A model configuration that cannot describe a model we can build. `field` names the
+    ModelConfig field (when one is at fault) and `reason` says what is wrong with it, so a
+    caller can name the field its own way (config.json's key, the manifest's 'config.x')."""
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.field, self.reason = field, reason
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# the numbers each rope scaling type reads (kvtrace/numerics.py); all must be finite and > 0,
+# original_max_position_embeddings a positive integer; beta_* and mscale* finite numbers
+_ROPE_POSITIVE = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow")
+_ROPE_NUMBERS = ("mscale", "mscale_all_dim")
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_POSITIONS = 1 << 24  # the reference model holds (max_position, rotary_dim/2) tables
 
 
 @dataclass(frozen=True)
@@ -65,44 +87,78 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
+        """Types and ranges of every field; ConfigError names the field."""
         def need(cond: bool, fld: str, msg: str):
             if not cond:
-                raise ConfigError(f"model config field '{fld}': {msg}")
+                raise ConfigError(f"model config field '{fld}': {msg}", field=fld, reason=msg)
 
-        need(self.arch in ARCHITECTURES, "arch",
+        need(isinstance(self.arch, str) and self.arch in ARCHITECTURES, "arch",
              f"unknown architecture {self.arch!r}; expected one of {', '.join(ARCHITECTURES)}")
         for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                   "intermediate_size", "max_position"):
             v = getattr(self, f)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f,
-                 f"must be a positive integer, got {v!r}")
+            need(_is_int(v) and 0 < v < 1 << 31, f, f"must be a positive integer below 2**31, got {v!r}")
+        # a language model chooses between tokens: with one there is nothing to predict (and
+        # top-2 margins, sampling and prompts drawn from non-special ids have nothing to work on)
+        need(self.vocab_size >= 2, "vocab_size", f"must be at least 2, got {self.vocab_size}")
+        need(self.max_position <= MAX_POSITIONS, "max_position",
+             f"{self.max_position} is beyond the {MAX_POSITIONS} positions kvtrace supports")
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
              f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
-        need(self.norm in NORMS, "norm", f"{self.norm!r} not in {NORMS}")
-        need(self.mlp in MLPS, "mlp", f"{self.mlp!r} not in {MLPS}")
-        need(self.activation in ACTIVATIONS, "activation", f"{self.activation!r} not in {ACTIVATIONS}")
-        need(self.positions in POSITIONS, "positions", f"{self.positions!r} not in {POSITIONS}")
-        need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        for f, choices in (("norm", NORMS), ("mlp", MLPS), ("activation", ACTIVATIONS), ("positions", POSITIONS),
+                           ("rope_type", ROPE_TYPES)):
+            v = getattr(self, f)
+            need(isinstance(v, str) and v in choices, f, f"{v!r} not in {choices}")
+        for f in ("norm_eps", "rope_theta", "embed_scale"):
+            v = getattr(self, f)
+            need(_is_num(v) and v > 0, f, f"must be a finite number > 0, got {v!r}")
+        need(self.norm_eps < 1, "norm_eps", f"must be below 1 (it is added to a variance), got {self.norm_eps!r}")
+        # rope tables are computed in float32: theta**(i/d) must be a finite float32 above 1
+        need(1 < self.rope_theta <= FLOAT32_MAX, "rope_theta", f"must be in (1, 3.4e38], got {self.rope_theta!r}")
+        for f in ("qkv_bias", "out_bias", "mlp_bias", "parallel_residual", "tie_word_embeddings", "softmax_fp32"):
+            v = getattr(self, f)
+            need(isinstance(v, bool), f, f"must be true or false, got {v!r}")
+        need(_is_int(self.rotary_dim) and self.rotary_dim >= 0, "rotary_dim",
+             f"must be a non-negative integer, got {self.rotary_dim!r}")
+        need(_is_int(self.sinusoidal_offset) and 0 <= self.sinusoidal_offset < 1 << 20, "sinusoidal_offset",
+             f"must be a small non-negative integer, got {self.sinusoidal_offset!r}")
+        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, f)
+            need(v is None or (_is_int(v) and 0 <= v < self.vocab_size), f,
+                 f"must be a token id in 0..{self.vocab_size - 1} or null, got {v!r}")
+        need(isinstance(self.rope_params, dict), "rope_params", f"must be an object, got {self.rope_params!r}")
         if self.positions == "rope":
             need(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
                  f"must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
-            need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-            need(self.rope_type in ROPE_TYPES, "rope_type",
-                 f"unsupported rope scaling type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
             required = {"linear": ("factor",), "dynamic": ("factor",),
                         "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                    "original_max_position_embeddings"),
                         "yarn": ("factor",)}.get(self.rope_type, ())
             for k in required:
                 need(k in self.rope_params, f"rope_params.{k}", f"required by rope type {self.rope_type!r}")
+            for k, v in self.rope_params.items():
+                if k in _ROPE_POSITIVE:
+                    need(_is_num(v) and v > 0, f"rope_params.{k}", f"must be a finite number > 0, got {v!r}")
+                elif k in _ROPE_NUMBERS:
+                    need(_is_num(v), f"rope_params.{k}", f"must be a finite number, got {v!r}")
+                elif k == "original_max_position_embeddings":
+                    need(_is_int(v) and v > 0, f"rope_params.{k}", f"must be a positive integer, got {v!r}")
+                elif k == "truncate":
+                    need(isinstance(v, bool), f"rope_params.{k}", f"must be true or false, got {v!r}")
+                else:
+                    need(False, f"rope_params.{k}", "unknown rope scaling parameter")
+            if self.rope_type == "llama3":
+                need(self.rope_params["high_freq_factor"] > self.rope_params["low_freq_factor"],
+                     "rope_params.high_freq_factor", "must be greater than low_freq_factor (llama3 rope scaling "
+                     "divides by their difference)")
         else:
-            need(self.hidden_size % 2 == 0, "hidden_size", "sinusoidal positions need an even width")
+            need(self.hidden_size % 2 == 0 and self.hidden_size >= 4, "hidden_size",
+                 "sinusoidal positions need an even width of at least 4")
         if self.sliding_window is not None:
-            need(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
+            need(_is_int(self.sliding_window) and self.sliding_window > 0, "sliding_window",
                  f"must be a positive integer or null, got {self.sliding_window!r}")
         if self.mlp == "gated":
             need(self.activation == "silu", "activation", "gated (SwiGLU) MLPs use silu")
-        need(self.embed_scale > 0, "embed_scale", "must be > 0")
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -118,10 +174,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected an object, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"model config has unknown field(s) {unknown}")
+            raise ConfigError(f"model config has unknown field(s) {unknown}", field=unknown[0],
+                              reason="unknown field")
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"model config lacks field(s) {missing}", field=missing[0],
+                              reason="a required field is missing")
         return cls(**d)
 
     def replace(self, **kw) -> "ModelConfig":

@@ -19,9 +19,23 @@ class ParityFailure(KvtraceError):
     label = "parity failed"
 
 
+class CheckFailed(KvtraceError):
+    """A check of something kvtrace wrote failed (a weight read back differs from its source).
+    Exit status 1."""
+
+    exit_code = 1
+    label = "check failed"
+
+
 class NonFiniteLogits(KvtraceError):
     """The model produced NaN/Inf logits for a row being sampled: its tokens would be garbage,
-    so the request fails instead. Exit status 1."""
+    so the request fails instead. Exit status 1; a server answers that request with a 500-class
+    error and keeps serving (`step` and `row` say where: step 0 is the prefill's logits, step s
+    the s-th decode step; row is the index in the batch)."""
 
     exit_code = 1
     label = "error"
+
+    def __init__(self, message: str, *, step: int | None = None, row: int | None = None):
+        super().__init__(message)
+        self.step, self.row = step, row

@@ -28,9 +28,10 @@ def umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data, *, what: str | None = None) -> Path:
-    """Write `data` (bytes-like) to `path` atomically. `what` names the option or file kind in
-    the one-line error (e.g. "--json"); the default is the path itself."""
+def stage_file(path: Path, data, *, what: str | None = None) -> Path:
+    """Write `data` (bytes-like) to a new temporary file beside `path` (same directory, fsynced,
+    mode from umask) and return its name; the caller renames it onto `path` (os.replace) or
+    removes it. On failure nothing is left and a KvtraceError names `what` / the path."""
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     if not path.parent.is_dir():
@@ -45,10 +46,25 @@ def atomic_write_bytes(path: Path, data, *, what: str | None = None) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; ours are ordinary files
-        os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
+            raise KvtraceError(f"{label}: writing failed ({e.strerror or e}); nothing was written") from e
+        raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data, *, what: str | None = None) -> Path:
+    """Write `data` (bytes-like) to `path` atomically. `what` names the option or file kind in
+    the one-line error (e.g. "--json"); the default is the path itself."""
+    path = Path(path)
+    tmp = stage_file(path, data, what=what)
+    try:
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            label = f"{what} {path}" if what else str(path)
             raise KvtraceError(f"{label}: writing failed ({e.strerror or e}); nothing was written") from e
         raise
     return path
@@ -159,7 +175,12 @@ def replace_dir(tmp: Path, out: Path, *, force: bool, is_ours) -> None:
 
 
 def check_replaceable(out: Path, *, force: bool, is_ours) -> None:
-    """Refuse to replace `out` unless force=True and kvtrace made it (is_ours(out) -> reason or None)."""
+    """Refuse to replace `out` unless force=True and kvtrace made it (is_ours(out) -> reason or None).
+    The current directory (or one holding it) is never replaced."""
+    cwd = Path.cwd()
+    if not out.is_symlink() and out.is_dir() and (out.resolve() == cwd or out.resolve() in cwd.parents):
+        raise KvtraceError(f"--out {out}: is the current directory (or holds it); it will not be replaced. "
+                           "Choose another --out")
     if out.is_symlink() or not out.is_dir():
         kind = "a symbolic link" if out.is_symlink() else "a file"
         raise KvtraceError(f"--out {out}: exists and is {kind}, not a directory kvtrace made; "

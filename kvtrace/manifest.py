@@ -25,6 +25,7 @@ Schema (format_version 1):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 from kvtrace import io_spec
 from kvtrace.errors import KvtraceError
 from kvtrace.config import ModelConfig
-from kvtrace.files import atomic_write_text, sha256_file
+from kvtrace.files import atomic_write_bytes, sha256_file
 
 REQUIRED = ("format_version", "architecture", "config", "dtype", "onnx", "io")
 
@@ -103,7 +104,9 @@ def manifest_path(artifact_dir) -> Path:
 
 
 def load_manifest(artifact_dir) -> Manifest:
-    """Read and check `artifact_dir/kvtrace.json`; KvtraceError naming the file otherwise."""
+    """Read and check `artifact_dir/kvtrace.json` against the schema (check_manifest); a
+    KvtraceError names the file and the manifest key otherwise. File digests are checked
+    separately (verify_files), by the commands that read the files."""
     d = Path(artifact_dir)
     path = manifest_path(d)
     if not d.is_dir():
@@ -113,13 +116,13 @@ def load_manifest(artifact_dir) -> Manifest:
         raise KvtraceError(f"{path}: manifest not found; is {d} an artifact made by `kvtrace export`?")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise KvtraceError(f"{path}: cannot read the manifest: {e}") from e
     if not isinstance(data, dict):
         raise KvtraceError(f"{path}: the manifest must be a JSON object")
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise KvtraceError(f"{path}: 'format_version' missing or not an integer")
+        raise KvtraceError(f"{path}: manifest key 'format_version' missing or not an integer")
     if version > io_spec.FORMAT_VERSION:
         raise KvtraceError(f"{path}: manifest format_version {version} is newer than this kvtrace understands "
                            f"({io_spec.FORMAT_VERSION}); upgrade kvtrace (pip install -U kvtrace)")
@@ -127,8 +130,12 @@ def load_manifest(artifact_dir) -> Manifest:
         raise KvtraceError(f"{path}: invalid format_version {version}")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
-        raise KvtraceError(f"{path}: manifest lacks field(s) {', '.join(missing)}")
+        raise KvtraceError(f"{path}: manifest lacks key(s) {', '.join(repr(k) for k in missing)}")
     m = Manifest(d, data)
+    for key in ("onnx", "external_data"):
+        name = data.get(key)
+        if key == "onnx" or name is not None:
+            _file_name(path, key, name)
     if not m.onnx_path.is_file():
         raise KvtraceError(f"{m.onnx_path}: model file named in {path} is missing")
     ext = data.get("external_data")
@@ -143,13 +150,249 @@ def load_manifest(artifact_dir) -> Manifest:
             raise KvtraceError(f"{path}: graphs.{form}.onnx must name a file in the artifact directory")
         if not (d / name).is_file():
             raise KvtraceError(f"{d / name}: model file of graph form {form!r} named in {path} is missing")
+    check_manifest(data, path)
     return m
+
+
+# ------------------------------------------------------------------ the schema
+TENSOR_DTYPES = ("int64", "int32", "bool") + io_spec.DTYPES
+LOGITS_MODES = ("selected", "all_positions")
+HASH_LIMIT = 256 << 20  # files up to this size get their sha256 checked at every load (see verify_files)
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _bad(path, key: str, msg: str):
+    raise KvtraceError(f"{path}: manifest key '{key}': {msg}")
+
+
+def _got(v) -> str:
+    return "null" if v is None else f"{_tname(v)} {v!r}"
+
+
+def _tname(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _obj(path, key: str, v, *, null: bool = False) -> dict | None:
+    if v is None and null:
+        return None
+    if not isinstance(v, dict):
+        _bad(path, key, f"expected an object{' or null' if null else ''}, got {_tname(v)}")
+    return v
+
+
+def _int(path, key: str, v, lo: int | None = None, hi: int | None = None, *, null: bool = False) -> int | None:
+    if v is None and null:
+        return None
+    if not _is_int(v):
+        _bad(path, key, f"expected an integer{' or null' if null else ''}, got {_got(v)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        _bad(path, key, f"{v} is out of range (expected {rng})")
+    return v
+
+
+def _str(path, key: str, v, choices=None, *, null: bool = False) -> str | None:
+    if v is None and null:
+        return None
+    if not isinstance(v, str):
+        _bad(path, key, f"expected a string{' or null' if null else ''}, got {_got(v)}")
+    if choices is not None and v not in choices:
+        _bad(path, key, f"{v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _file_name(path, key: str, v) -> str:
+    """A plain file name inside the artifact directory (no directories, no '..')."""
+    _str(path, key, v)
+    if not v or v in (".", "..") or "/" in v or "\\" in v or "\0" in v:
+        _bad(path, key, f"{v!r} is not a plain file name inside the artifact directory")
+    return v
+
+
+def _tensors(path, key: str, v) -> dict[str, dict]:
+    if not isinstance(v, list) or not v:
+        _bad(path, key, f"expected a non-empty list of tensors, got {_tname(v)}")
+    out = {}
+    for i, t in enumerate(v):
+        k = f"{key}[{i}]"
+        _obj(path, k, t)
+        for f in ("name", "dtype", "shape"):
+            if f not in t:
+                _bad(path, k, f"lacks '{f}'")
+        _str(path, f"{k}.name", t["name"])
+        _str(path, f"{k}.dtype", t["dtype"], TENSOR_DTYPES)
+        if not isinstance(t["shape"], list):
+            _bad(path, f"{k}.shape", f"expected a list, got {_tname(t['shape'])}")
+        for j, dim in enumerate(t["shape"]):
+            if not (isinstance(dim, str) and dim) and not (_is_int(dim) and dim >= 1):
+                _bad(path, f"{k}.shape[{j}]", f"expected a positive integer or a symbolic name, got {dim!r}")
+        if t["name"] in out:
+            _bad(path, k, f"tensor {t['name']!r} is listed twice")
+        out[t["name"]] = t
+    return out
+
+
+def _token_id(path, key: str, v, vocab: int):
+    if isinstance(v, list):  # several stop ids
+        for i, x in enumerate(v):
+            _int(path, f"{key}[{i}]", x, 0, vocab - 1)
+        return
+    _int(path, key, v, 0, vocab - 1, null=True)
+
+
+def check_manifest(data: dict, path) -> None:
+    """The manifest schema: every key the runtime, `kvtrace build`, parity and bench read, with
+    its type and range, and the I/O spec against the model config. KvtraceError names the key
+    (e.g. manifest key 'io.inputs[3].dtype')."""
+    from kvtrace.config import ARCHITECTURES, ConfigError
+
+    _str(path, "kvtrace_version", data.get("kvtrace_version"), null=True)
+    arch = _str(path, "architecture", data["architecture"], ARCHITECTURES)
+    _obj(path, "config", data["config"])
+    try:
+        cfg = ModelConfig.from_dict(data["config"])
+    except ConfigError as e:
+        key = f"config.{e.field}" if getattr(e, "field", None) else "config"
+        raise KvtraceError(f"{path}: manifest key '{key}': {e.reason if getattr(e, 'reason', None) else e}") from None
+    if cfg.arch != arch:
+        _bad(path, "config.arch", f"{cfg.arch!r} disagrees with 'architecture' {arch!r}")
+    dtype = _str(path, "dtype", data["dtype"], io_spec.DTYPES)
+    _int(path, "opset", data.get("opset"), 1, null=True)
+
+    io = _obj(path, "io", data["io"])
+    for k in ("layout", "max_seq", "max_batch", "inputs", "outputs"):
+        if k not in io:
+            _bad(path, "io", f"lacks '{k}'")
+    layout = _str(path, "io.layout", io["layout"], io_spec.LAYOUTS)
+    max_seq = _int(path, "io.max_seq", io["max_seq"], 1)
+    _int(path, "io.max_batch", io["max_batch"], 1)
+    _str(path, "io.logits", io.get("logits", "all_positions"), LOGITS_MODES)
+    ins = _tensors(path, "io.inputs", io["inputs"])
+    outs = _tensors(path, "io.outputs", io["outputs"])
+    need_in = [io_spec.INPUT_IDS, io_spec.POSITION_IDS] + ([io_spec.ATTENTION_MASK] if layout == "dynamic" else [])
+    for n in need_in:
+        if n not in ins:
+            _bad(path, "io.inputs", f"lacks the input {n!r}")
+        _str(path, f"io.inputs[{n}].dtype", ins[n]["dtype"], ("int64",))
+    if io_spec.LOGITS not in outs:
+        _bad(path, "io.outputs", f"lacks the output {io_spec.LOGITS!r}")
+    lshape = outs[io_spec.LOGITS]["shape"]
+    if len(lshape) != 3 or lshape[-1] != cfg.vocab_size:
+        _bad(path, "io.outputs[logits].shape", f"{lshape} is not (batch, positions, vocab_size={cfg.vocab_size})")
+    for past, present in io_spec.cache_pairs(cfg.n_layers):
+        for name, table, key in ((past, ins, "io.inputs"), (present, outs, "io.outputs")):
+            if name not in table:
+                _bad(path, key, f"lacks the cache tensor {name!r} (config.n_layers = {cfg.n_layers})")
+            t = table[name]
+            if t["dtype"] != dtype:  # the cache dtype is the artifact's dtype
+                _bad(path, f"{key}[{name}].dtype", f"{t['dtype']!r} differs from the manifest's dtype {dtype!r}")
+            shape = t["shape"]
+            if len(shape) != 4 or shape[1] != cfg.n_kv_heads or shape[3] != cfg.head_dim:
+                _bad(path, f"{key}[{name}].shape", f"{shape} is not (batch, n_kv_heads={cfg.n_kv_heads}, "
+                     f"seq, head_dim={cfg.head_dim})")
+            if layout == "static" and shape[2] != max_seq:
+                _bad(path, f"{key}[{name}].shape", f"{shape}: a static cache holds io.max_seq = {max_seq} slots")
+    aliases = io.get("cache_aliases", {})
+    _obj(path, "io.cache_aliases", aliases)
+    for k, v in aliases.items():
+        _str(path, f"io.cache_aliases[{k}]", v)
+
+    tok = data.get("tokenizer")
+    if tok is not None:
+        _obj(path, "tokenizer", tok)
+        kind = _str(path, "tokenizer.type", tok.get("type"), ("file", "builtin-bytes"))
+        if kind == "file":
+            _file_name(path, "tokenizer.file", tok.get("file"))
+    gen = _obj(path, "generation", data.get("generation"), null=True) or {}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        _token_id(path, f"generation.{k}", gen.get(k), cfg.vocab_size)
+    src = _obj(path, "source", data.get("source"), null=True) or {}
+    for k in ("kind", "path", "sha256"):
+        _str(path, f"source.{k}", src.get(k), null=True)
+    _int(path, "source.seed", src.get("seed"), 0, 2**64 - 1, null=True)
+    for k in ("graph", "validation"):
+        _obj(path, k, data.get(k), null=True)
+
+    trt = _obj(path, "tensorrt", data.get("tensorrt"), null=True)
+    if trt is not None:
+        _file_name(path, "tensorrt.engine", trt.get("engine"))
+        for k in ("flavour", "version", "engine_sha256", "onnx_sha256", "built_on_cc"):
+            _str(path, f"tensorrt.{k}", trt.get(k), null=True)
+        ccs = trt.get("compute_capabilities", [])
+        if not isinstance(ccs, list) or not all(isinstance(c, str) for c in ccs):
+            _bad(path, "tensorrt.compute_capabilities", f"expected a list of strings, got {ccs!r}")
+        lim = _obj(path, "tensorrt.limits", trt.get("limits"), null=True) or {}
+        for k in ("max_batch", "max_seq"):
+            _int(path, f"tensorrt.limits.{k}", lim.get(k), 1, null=True)
+        profiles = trt.get("profiles", [])
+        if not isinstance(profiles, list):
+            _bad(path, "tensorrt.profiles", f"expected a list, got {_tname(profiles)}")
+        for i, prof in enumerate(profiles):
+            _obj(path, f"tensorrt.profiles[{i}]", prof)
+            _obj(path, f"tensorrt.profiles[{i}].inputs", prof.get("inputs"))
+
+    files = _obj(path, "files", data.get("files"), null=True)
+    for name, entry in (files or {}).items():
+        _file_name(path, f"files[{name!r}]", name)
+        _obj(path, f"files.{name}", entry)
+        _int(path, f"files.{name}.bytes", entry.get("bytes"), 0)
+        h = _str(path, f"files.{name}.sha256", entry.get("sha256"))
+        if not _HEX.fullmatch(h):
+            _bad(path, f"files.{name}.sha256", f"{h!r} is not a sha256 hex digest")
+
+
+def verify_files(manifest: Manifest, *, full: bool = False, limit: int | None = None) -> dict:
+    """Check the artifact's files against the manifest's "files" entry: every listed file must
+    exist with its recorded size (a truncated or grown file is caught for free), and its sha256
+    must match for files up to `limit` bytes (default HASH_LIMIT), or for all with full=True.
+
+    Cost: sha256 runs at ~1.1 GB/s on one core here (benchmarks/integrity_cost.py), so the
+    default costs <= 0.25 s per file; a 13 GB artifact's model.onnx.data takes ~12 s from the page
+    cache (longer from disk), which is why only --verify (and `kvtrace parity`) hash it.
+    Artifacts written before "files" existed are not checked. Returns {name: "sha256"|"size"}."""
+    files = manifest.data.get("files")
+    if not files:
+        return {}
+    limit = HASH_LIMIT if limit is None else limit
+    done = {}
+    for name, entry in files.items():
+        p = manifest.dir / name
+        key = f"files.{name}"
+        if not p.is_file():
+            raise KvtraceError(f"{p}: missing (the manifest {manifest_path(manifest.dir)} lists it under '{key}'); "
+                               "the artifact is incomplete: export it again")
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            how = "truncated" if size < entry["bytes"] else "longer than written"
+            raise KvtraceError(f"{p}: {size} bytes, but manifest key '{key}.bytes' records {entry['bytes']}: the file "
+                               f"is {how} or was replaced after export; export the artifact again")
+        if full or size <= limit:
+            digest = sha256_file(p)
+            if digest != entry["sha256"]:
+                raise KvtraceError(f"{p}: sha256 {digest[:16]}... differs from manifest key '{key}.sha256' "
+                                   f"({entry['sha256'][:16]}...): the file is corrupted or was changed after export; "
+                                   "export the artifact again")
+            done[name] = "sha256"
+        else:
+            done[name] = "size"
+    return done
+
+
+def manifest_bytes(data: dict) -> bytes:
+    """kvtrace.json's bytes for `data` (format_version first)."""
+    data = {"format_version": io_spec.FORMAT_VERSION, **data}
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
 def write_manifest(artifact_dir, data: dict) -> Path:
     """Write kvtrace.json atomically (temporary file in the same directory, then rename)."""
-    data = {"format_version": io_spec.FORMAT_VERSION, **data}
-    return atomic_write_text(manifest_path(artifact_dir), json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return atomic_write_bytes(manifest_path(artifact_dir), manifest_bytes(data))
 
 
 def file_digests(artifact_dir, names) -> dict:

@@ -53,7 +53,7 @@ def _get(d: dict, key: str, arch_name: str, default: Any = _MISSING, kind: type 
 
 def _activation(d: dict, key: str, default: str) -> str:
     name = d.get(key) or default
-    if name not in _ACTIVATIONS:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
         raise ConfigError(f"config.json field '{key}': unsupported activation {name!r}; "
                           f"supported: {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
@@ -65,6 +65,8 @@ def _token_id(d: dict, key: str, default=None) -> int | None:
         v = v[0] if v else None
     if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
         raise ConfigError(f"config.json field '{key}': expected an integer token id, got {v!r}")
+    if v is not None and v < 0:  # some configs write -1 for "no such token" (e.g. pad_token_id)
+        return None
     return v
 
 
@@ -77,12 +79,16 @@ def _rope(d: dict, head_dim: int, max_position: int, *, theta_key: str = "rope_t
                     `rotary_pct`) and an optional {"rope_scaling": {"type" | "rope_type", <scaling>}}.
     Both give the same ModelConfig.
     """
+    if isinstance(d.get("rope_parameters"), dict) and d.get("rope_scaling"):
+        # transformers 5 would take rope_scaling and drop rope_parameters' values: ambiguous
+        raise ConfigError("config.json has both 'rope_parameters' and 'rope_scaling'; keep one (transformers 5 "
+                          "writes rope_parameters, older versions rope_scaling with a top-level rope_theta)")
     if isinstance(d.get("rope_parameters"), dict):
         src, p = "rope_parameters", dict(d["rope_parameters"])
     else:
-        src, p = "rope_scaling", dict(d.get("rope_scaling") or {})
         if "rope_scaling" in d and d["rope_scaling"] is not None and not isinstance(d["rope_scaling"], dict):
             raise ConfigError(f"config.json field 'rope_scaling': expected an object, got {d['rope_scaling']!r}")
+        src, p = "rope_scaling", dict(d.get("rope_scaling") or {})
     type_key = "type" if ("type" in p and "rope_type" not in p) else "rope_type"
     rope_type = p.get(type_key) or "default"
     if rope_type not in ROPE_TYPES:
@@ -90,18 +96,35 @@ def _rope(d: dict, head_dim: int, max_position: int, *, theta_key: str = "rope_t
                           f"supported: {', '.join(ROPE_TYPES)}")
     theta = p.get("rope_theta", d.get(theta_key, d.get("rope_theta", 10000.0)))
     pct = p.get("partial_rotary_factor", d.get(pct_key, d.get("partial_rotary_factor", default_pct)))
-    for name, v in (("rope_theta", theta), ("partial_rotary_factor", pct)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"config.json field '{src}.{name}': expected a positive number, got {v!r}")
+    def where(name: str, top: str) -> str:  # the key the value came from
+        if name in p:
+            return f"{src}.{name}"
+        return top if top in d else name
+
+    theta_at, pct_at = where("rope_theta", theta_key), where("partial_rotary_factor", pct_key)
+    for at, v in ((theta_at, theta), (pct_at, pct)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"config.json field '{at}': expected a positive number, got {v!r}")
+    if pct > 1:
+        raise ConfigError(f"config.json field '{pct_at}': the rotated fraction of each head must be in (0, 1], "
+                          f"got {pct!r}")
     unknown = sorted(set(p) - _NOT_SCALING - set(_ROPE_KEYS))
     if unknown and rope_type != "default":
         raise ConfigError(f"config.json field '{src}': unknown rope scaling parameter(s) {unknown} "
                           f"for rope type {rope_type!r}")
     params = {k: p[k] for k in _ROPE_KEYS if p.get(k) is not None} if rope_type != "default" else {}
+    for k, v in params.items():  # numbers (ModelConfig.validate checks ranges); name the key here
+        want_bool = k == "truncate"
+        if (isinstance(v, bool) != want_bool) or not (want_bool or isinstance(v, (int, float))):
+            raise ConfigError(f"config.json field '{src}.{k}': expected {'true or false' if want_bool else 'a number'}, "
+                              f"got {v!r}")
+        if not want_bool and not math.isfinite(v) or (k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                              "original_max_position_embeddings") and v <= 0):
+            raise ConfigError(f"config.json field '{src}.{k}': expected a finite number > 0, got {v!r}")
     if rope_type in ("llama3", "yarn"):
         # as transformers does: a top-level original_max_position_embeddings wins, else max_position
         if d.get("original_max_position_embeddings") is not None:
-            params["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+            params["original_max_position_embeddings"] = _get(d, "original_max_position_embeddings", "", kind=int)
         params.setdefault("original_max_position_embeddings", max_position)
         if rope_type == "yarn" and "factor" not in params:
             params["factor"] = max_position / params["original_max_position_embeddings"]
@@ -202,17 +225,59 @@ def _xglm(d: dict) -> ModelConfig:
         pad_token_id=_token_id(d, "pad_token_id", 1))  # the pad row of the sinusoidal table is zero
 
 
+# ModelConfig field -> the config.json key it is read from, for messages (per model_type where
+# the names differ); a ModelConfig.validate failure then names the key the user can edit
+_HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "n_layers": "num_hidden_layers",
+            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "intermediate_size": "intermediate_size", "max_position": "max_position_embeddings",
+            "rope_theta": "rope_theta", "rotary_dim": "partial_rotary_factor", "sliding_window": "sliding_window",
+            "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+            "tie_word_embeddings": "tie_word_embeddings", "activation": "hidden_act"}
+_HF_KEYS_BY_TYPE = {
+    "gpt_neox": {"norm_eps": "layer_norm_eps", "rope_theta": "rotary_emb_base", "rotary_dim": "rotary_pct",
+                 "parallel_residual": "use_parallel_residual"},
+    "llama": {"norm_eps": "rms_norm_eps"},
+    "starcoder2": {"norm_eps": "norm_epsilon"},
+    "xglm": {"hidden_size": "d_model", "n_layers": "num_layers", "n_heads": "attention_heads",
+             "intermediate_size": "ffn_dim", "activation": "activation_function"},
+}
+
+
+def _naming_keys(make: Callable[[dict], ModelConfig], model_type: str) -> Callable[[dict], ModelConfig]:
+    """make_config whose ModelConfig.validate errors name the config.json key."""
+    def make_config(d: dict) -> ModelConfig:
+        try:
+            return make(d)
+        except ConfigError as e:
+            if not e.field or str(e).startswith("config.json"):
+                raise
+            f = e.field
+            rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None
+            if f.startswith("rope_params."):
+                key = f"{'rope_parameters' if rp is not None else 'rope_scaling'}.{f.split('.', 1)[1]}"
+            elif rp is not None and f in ("rope_theta", "rotary_dim"):
+                key = "rope_parameters." + ("rope_theta" if f == "rope_theta" else "partial_rotary_factor")
+            else:
+                key = _HF_KEYS_BY_TYPE.get(model_type, {}).get(f, _HF_KEYS.get(f, f))
+            raise ConfigError(f"config.json field '{key}': {e.reason}", field=f, reason=e.reason) from None
+    make_config.__name__ = make.__name__
+    return make_config
+
+
 # --------------------------------------------------------------------------- weight names
 @dataclass(frozen=True)
 class Adapter:
     hf_arch: str  # the `architectures[0]` string
     model_type: str  # config.json `model_type`
-    make_config: Callable[[dict], ModelConfig]
+    make_config: Callable[[dict], ModelConfig]  # ConfigError names the config.json key (_naming_keys)
     layer_prefix: str  # HF prefix of layer i is f"{layer_prefix}{i}."
     layer_names: dict  # canonical module inside a layer -> HF module
     global_names: dict  # canonical top-level module -> HF module
     ignore: tuple  # regexes of checkpoint tensors that are not weights (buffers)
     fused_qkv: bool = False  # GPT-NeoX: q, k, v in one per-head interleaved tensor
+
+    def __post_init__(self):
+        object.__setattr__(self, "make_config", _naming_keys(self.make_config, self.model_type))
 
     @property
     def head_name(self) -> str:
@@ -264,12 +329,12 @@ def adapter_for(hf_config: dict) -> Adapter:
     supported = ", ".join(ADAPTERS)
     if archs:
         name = archs[0] if isinstance(archs, list) else archs
-        if name not in ADAPTERS:
+        if not isinstance(name, str) or name not in ADAPTERS:
             raise ConfigError(f"config.json field 'architectures': unsupported architecture {name!r}; "
                               f"supported: {supported}")
         return ADAPTERS[name]
     mt = hf_config.get("model_type")
-    if mt in _BY_MODEL_TYPE:
+    if isinstance(mt, str) and mt in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[mt]
     raise ConfigError(f"config.json: unsupported or missing architecture (fields 'architectures' and "
                       f"'model_type' = {mt!r}); supported: {supported} "

@@ -8,8 +8,9 @@ means the output head is stored separately), then float32 arrays in a fixed orde
 rotates interleaved pairs (i, i+1) of each head; Hugging Face Llama (and our model) rotates
 halves (i, i + hd/2), so the rows of wq and wk are permuted per head on the way.
 
-The output directory (config.json for LlamaForCausalLM, old form, + model.safetensors) is
-written to a temporary directory beside it and renamed into place when complete.
+The output directory (config.json for LlamaForCausalLM, old form, + model.safetensors, and the
+marker kvtrace-convert.json naming them) is written to a temporary directory beside it and
+renamed into place when complete; --force replaces only a directory this command wrote.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError
 
 HEADER = struct.Struct("<7i")
@@ -122,49 +123,89 @@ def read_llama2c(path) -> tuple[dict, dict[str, np.ndarray]]:
     return config, t
 
 
+MARKER = "kvtrace-convert.json"  # marks a directory this converter wrote (see not_a_conversion)
+
+
+def not_a_conversion(d: Path) -> str | None:
+    """None when `d` is a checkpoint directory written by `kvtrace convert-llama2c`: it holds
+    the marker file kvtrace-convert.json (written last, naming the files written with it) and
+    nothing else than the files it names. Otherwise why not, for the message refusing --force:
+    --force only ever replaces a directory this command wrote, never a user's directory or a
+    checkpoint from elsewhere (a tokenizer.json added to a converted directory also stops it)."""
+    d = Path(d)
+    try:
+        marker = json.loads((d / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        entries = sorted(p.name for p in d.iterdir())[:3]
+        return f"it has no {MARKER}, so `kvtrace convert-llama2c` did not write it" + \
+            (f" (it holds {', '.join(entries)}...)" if entries else "")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {MARKER} is not readable"
+    names = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(names, dict):
+        return f"its {MARKER} is not a kvtrace marker"
+    foreign = sorted(p.name for p in d.iterdir() if p.name != MARKER and p.name not in names)
+    if foreign:
+        return f"it holds files the converter did not write ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})"
+    return None
+
+
 def convert(bin_path, out_dir, *, force: bool = False) -> Path:
-    """Write the HF checkpoint for `bin_path` to `out_dir` atomically; returns out_dir."""
+    """Write the HF checkpoint for `bin_path` to `out_dir` atomically; returns out_dir.
+
+    The directory is assembled beside `out_dir` (kvtrace.files.staging_dir) and renamed into place
+    when complete, with kvtrace-convert.json (source, digests) written last. An existing `out_dir`
+    is replaced only with force=True and only when this command wrote it (not_a_conversion); the
+    input is never inside the output. On any failure nothing is left: not the temporary directory,
+    not the parent directories this call created."""
     from safetensors.numpy import save_file
 
+    from kvtrace import __version__, files
+    from kvtrace.manifest import file_digests
+    from kvtrace.options import check_apart
+
     bin_path, out = Path(bin_path), Path(out_dir)
-    if out.exists() and not force:
-        raise KvtraceError(f"{out}: already exists (pass --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise KvtraceError(f"{out}: exists and is not a directory")
+    if out.name in ("", ".", ".."):
+        out = Path(os.path.abspath(out))
+    if bin_path.exists():
+        check_apart(out, "--out", bin_path, "the llama2.c checkpoint")
+    if out.exists() or out.is_symlink():
+        files.check_replaceable(out, force=force, is_ours=not_a_conversion)
     config, tensors = read_llama2c(bin_path)  # all validation before anything is written
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-        _umask = os.umask(0)
-        os.umask(_umask)
-        os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes it private; the result is a normal directory
-    except OSError as e:
-        raise KvtraceError(f"{out}: cannot write the output directory ({e.strerror})") from None
+    tmp, made_parents = files.staging_dir(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if out.exists():  # --force: move the old one aside, put the new one in place, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors (a full disk) as its own type
+            if isinstance(e, (OSError, KvtraceError)):
+                raise
+            raise KvtraceError(f"--out {out}: writing model.safetensors failed ({e}); nothing was left behind") \
+                from None
+        marker = {"kvtrace_version": __version__, "written_by": "kvtrace convert-llama2c",
+                  "source": str(bin_path.absolute()), "source_sha256": files.sha256_file(bin_path),
+                  "files": file_digests(tmp, ["config.json", "model.safetensors"])}
+        files.atomic_write_bytes(tmp / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+        files.replace_dir(tmp, out, force=force, is_ours=not_a_conversion)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        files.remove_dirs(made_parents)
+        if isinstance(e, OSError):  # disk full, read-only, ...: one line naming where
+            raise KvtraceError(f"--out {out}: writing the checkpoint failed ({e.strerror or e}); "
+                               "nothing was left behind") from None
         raise
     return out
 
 
 def add_arguments(p) -> None:
     """The command's options (kvtrace/cli.py builds the parser)."""
-    p.add_argument("bin", help="llama2.c checkpoint (legacy version 0 format)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("bin", type=options.existing_path, help="llama2.c checkpoint (legacy version 0 format)")
+    p.add_argument("--out", required=True, type=options.out_dir, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true",
+                   help=f"replace --out if this command wrote it (it holds {MARKER} and only the files that names)")
 
 
 def main(args) -> int:
     out = convert(args.bin, args.out, force=args.force)
-    print(f"wrote {out} (config.json + model.safetensors, LlamaForCausalLM)")
+    print(f"wrote {out} (config.json + model.safetensors, LlamaForCausalLM; {MARKER} marks it as ours)")
     return 0

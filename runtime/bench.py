@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError
 from kvtrace.files import peak_rss_mb
+from kvtrace.options import SEED_MAX, check_int
 
 from .parity import make_prompts
 
@@ -77,17 +79,17 @@ def _median(xs) -> float:
 
 
 # --------------------------------------------------------------------------- ours
-def load_model(artifact: str, backend: str, threads: int):
+def load_model(artifact: str, backend: str, threads: int, verify: bool = False):
     """Model.load with onnxruntime's intra-op threads = `threads` (the backend option
     `threads`); a backend without that option (TensorRT) loads with its defaults."""
     from .model import Model
 
     try:
-        return Model.load(artifact, backend=backend, threads=threads), f"{threads} threads"
+        return Model.load(artifact, backend=backend, verify=verify, threads=threads), f"{threads} threads"
     except TypeError as e:
         if "threads" not in str(e):
             raise
-        return Model.load(artifact, backend=backend), "backend default"
+        return Model.load(artifact, backend=backend, verify=verify), "backend default"
 
 
 def ours_runner(m, prompts: list[list[int]], new_tokens: int):
@@ -127,12 +129,7 @@ def _read_manifest(artifact: str) -> dict:
     return load_manifest(artifact).data
 
 
-def _check_options(manifest: dict, batches, prompt_len: int, new_tokens: int, repeats: int) -> None:
-    for name, v, lo in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1)):
-        if v < lo:
-            raise KvtraceError(f"{name} {v}: must be >= {lo}")
-    if any(b < 1 for b in batches):
-        raise KvtraceError(f"--batch {list(batches)}: batch sizes must be >= 1")
+def _check_room(manifest: dict, batches, prompt_len: int, new_tokens: int) -> None:
     cfg, io = manifest["config"], manifest.get("io") or {}
     if io.get("max_batch") and max(batches) > io["max_batch"]:
         raise KvtraceError(f"--batch {max(batches)}: the artifact takes at most {io['max_batch']} rows")
@@ -169,14 +166,19 @@ def _flat(batches: dict) -> dict:
 
 def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int = 128, new_tokens: int = 64,
           repeats: int = 3, compare: str | None = None, checkpoint: str | None = None, seed: int = 0,
-          log=None) -> dict:
+          log=None, verify: bool = False) -> dict:
     """Run the benchmark; returns the JSON-able result dict.
 
     Warm-ups first (sessions, allocators, page faults of the weights), reading our peak RSS before
     the baseline is even loaded; then the timed runs, ours and the baseline's interleaved."""
     log = log or (lambda s: None)
+    for name, v, lo in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 2), ("--repeats", repeats, 1)):
+        check_int(name, v, lo)
+    for b in batches:
+        check_int("--batch", b, 1)
+    check_int("seed", seed, 0, SEED_MAX - 1024)
     manifest = _read_manifest(artifact)
-    _check_options(manifest, batches, prompt_len, new_tokens, repeats)
+    _check_room(manifest, batches, prompt_len, new_tokens)
     baseline = ckpt = None
     if compare:  # a missing baseline or checkpoint fails before any timing
         baseline = load_baseline(compare)
@@ -186,7 +188,7 @@ def bench(artifact: str, *, backend: str = "auto", batches=(1,), prompt_len: int
     avoid = (cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id"))
     prompts = {b: random_prompts(b, prompt_len, cfg["vocab_size"], seed + b, avoid) for b in batches}
     rss0 = peak_rss_mb()
-    m, thread_note = load_model(artifact, backend, n)
+    m, thread_note = load_model(artifact, backend, n, verify=verify)
     result = {
         "artifact": str(artifact), "architecture": manifest.get("architecture"), "dtype": manifest.get("dtype"),
         "layout": io.get("layout"), "backend": getattr(m, "backend_name", backend),
@@ -270,25 +272,29 @@ def format_table(r: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    """The command's options (kvtrace/cli.py builds the parser)."""
-    p.add_argument("artifact")
+    """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
+    p.add_argument("artifact", type=options.artifact_path)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=options.integer(1), nargs="+", default=[1])
+    p.add_argument("--prompt-len", type=options.integer(1), default=128)
+    p.add_argument("--new-tokens", type=options.integer(2), default=64)
+    p.add_argument("--repeats", type=options.integer(1, 10000), default=3)
     p.add_argument("--compare", metavar="BASELINE",
                    help="also time a baseline in the same run, alternated: hf = transformers' generate "
                         "(needs kvtrace[export] and transformers)")
-    p.add_argument("--checkpoint", help="checkpoint for --compare hf (default: the manifest's source)")
+    p.add_argument("--checkpoint", type=options.existing_path,
+                   help="checkpoint for --compare hf (default: the manifest's source)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true",
+                   help="check the sha256 of every artifact file, however large (default: sizes of all, "
+                        "digests of files up to 256 MiB)")
 
 
 def main(args) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: None)
     r = bench(args.artifact, backend=args.backend, batches=args.batch, prompt_len=args.prompt_len,
               new_tokens=args.new_tokens, repeats=args.repeats, compare=args.compare, checkpoint=args.checkpoint,
-              seed=getattr(args, "seed", 0), log=log)
+              seed=getattr(args, "seed", 0), log=log, verify=getattr(args, "verify", False))
     if args.json:
         print(json.dumps(r, indent=1))
     else:

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kvtrace.errors import KvtraceError
+from kvtrace.options import SEED_MAX, check_int
 from .sampling import SamplingParams, next_tokens
 
 
@@ -143,6 +144,8 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     on_token(row, token_id, text_delta): called for every token a live row produces, in step
     order; text_delta is the newly settled text ("" while it is held back; always "" without
     a tokenizer).
+    Raises NonFiniteLogits (kvtrace.errors; exit 1 in the CLI, a failed request in a server)
+    when a live row's logits hold NaN/Inf: no token is produced from them.
     """
     if isinstance(prompts, (str, bytes)):
         raise KvtraceError("prompts must be a list (of strings or of token id lists)")
@@ -154,14 +157,15 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     elif any(isinstance(p, str) for p in prompts):
         raise KvtraceError("prompts mix text and token ids")
     else:
-        ids = [[int(t) for t in p] for p in prompts]
-    if max_new_tokens < 0:
-        raise KvtraceError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = prompts  # Model.check_prompts checks every id
+    check_int("max_new_tokens", max_new_tokens, 0, None)
+    if seed is not None:
+        check_int("seed", seed, 0, SEED_MAX)
     params = SamplingParams.make(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty)
     if stop_strings and model.tokenizer is None:
         raise KvtraceError("stop strings need a tokenizer; this artifact has none (use stop token ids)")
-    model.check_prompts(ids)  # batch size, empty prompts, token ids, prompt length
+    ids = [r[:n].tolist() for r, n in zip(*model.check_prompts(ids))]  # batch, empty, ids, length
     longest = max(len(p) for p in ids)
     if longest + max_new_tokens > model.max_seq:
         raise KvtraceError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the "
@@ -182,7 +186,7 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     live = np.ones(B, dtype=bool)
     pad = model.pad_token_id
     for step in range(max_new_tokens):
-        nxt = next_tokens(last, params, rng, seen)  # (B,)
+        nxt = next_tokens(last, params, rng, seen, step=step, rows=live)  # (B,); NaN/Inf -> NonFiniteLogits
         for b in np.flatnonzero(live):
             t = int(nxt[b])
             if seen is not None:

@@ -4,40 +4,36 @@ from __future__ import annotations
 import json
 import sys
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError
-
-
-def _parse_ids(items: list[str]) -> list[list[int]]:
-    out = []
-    for s in items:
-        try:
-            ids = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
-        except ValueError:
-            raise KvtraceError(f"--input-ids {s!r}: expected comma-separated integers like 1,2,3") from None
-        if not ids:
-            raise KvtraceError(f"--input-ids {s!r}: empty token list")
-        out.append(ids)
-    return out
+from .sampling import REPETITION_PENALTY_RANGE
 
 
 def add_arguments(p) -> None:
-    """The command's options (kvtrace/cli.py builds the parser)."""
-    p.add_argument("artifact")
+    """The command's options (kvtrace/cli.py builds the parser; kvtrace/options.py checks values)."""
+    p.add_argument("artifact", type=options.artifact_path)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", nargs="+", help="one or more text prompts (run as one batch)")
-    src.add_argument("--input-ids", nargs="+", help="one or more comma-separated token id lists")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    src.add_argument("--prompt", nargs="+", type=options.text, help="one or more text prompts (run as one batch)")
+    src.add_argument("--input-ids", nargs="+", type=options.token_ids,
+                     help="one prompt per argument: token ids separated by commas or spaces "
+                          "(\"1,2,3\" or \"1 2 3\"; unquoted 1 2 3 are three one-token prompts)")
+    p.add_argument("--max-new-tokens", type=options.integer(0), default=32)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true")
-    mode.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", nargs="+", default=[], help="stop strings")
+    mode.add_argument("--temperature", type=options.number(0.0),
+                      help="sampling temperature, a finite number > 0 (0: greedy)")
+    p.add_argument("--top-k", type=options.integer(0))
+    p.add_argument("--top-p", type=options.number(0.0, 1.0, lo_open=True))
+    p.add_argument("--repetition-penalty", type=options.number(*REPETITION_PENALTY_RANGE),
+                   help=f"in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}]; 1: off")
+    p.add_argument("--seed", type=options.seed)
+    p.add_argument("--stop", nargs="+", type=options.text, default=[], help="stop strings")
     p.add_argument("--stream", action="store_true", help="print text as tokens are produced")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
+    p.add_argument("--verify", action="store_true",
+                   help="check the sha256 of every artifact file, however large (default: sizes of all, "
+                        "digests of files up to 256 MiB)")
     p.add_argument("--allow-cpu-nodes", action="store_true",
                    help="onnxruntime-cuda: run even if onnxruntime places some nodes on the CPU (refused by default)")
     p.add_argument("--no-cuda-graph", action="store_true", help="GPU backends: do not capture decode steps as CUDA graphs")
@@ -57,7 +53,7 @@ def gpu_options(args) -> dict:
 def main(args) -> int:
     from .model import Model
 
-    model = Model.load(args.artifact, backend=args.backend, **gpu_options(args))
+    model = Model.load(args.artifact, backend=args.backend, verify=args.verify, **gpu_options(args))
     for note in model.skipped_backends:  # e.g. an engine for another GPU: say why it was not used
         print(f"kvtrace: note: backend {note}; using {model.backend_name}", file=sys.stderr)
     for note in getattr(model.backend, "notes", []):  # e.g. CUDA graphs off, and why
@@ -67,7 +63,7 @@ def main(args) -> int:
             raise KvtraceError(f"artifact {args.artifact} has no tokenizer: use --input-ids instead of --prompt")
         prompts = list(args.prompt)
     else:
-        prompts = _parse_ids(args.input_ids)
+        prompts = list(args.input_ids)
     if (args.top_k is not None or args.top_p is not None) and args.greedy:
         raise KvtraceError("--top-k/--top-p only apply when sampling (give --temperature, not --greedy)")
     greedy = True if args.greedy else None  # None: greedy unless --temperature/--top-k/--top-p

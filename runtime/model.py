@@ -32,6 +32,7 @@ from kvtrace.config import ModelConfig
 from kvtrace import io_spec
 from .backends import Backend, _manifest_get, choose_backend, create_backend
 from kvtrace.errors import KvtraceError
+from kvtrace.options import utf8_problem
 from .tokenizer import Tokenizer
 
 
@@ -77,13 +78,22 @@ class Model:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, artifact_dir, backend: str = "auto", **backend_options) -> "Model":
+    def load(cls, artifact_dir, backend: str = "auto", *, verify: bool = False, **backend_options) -> "Model":
         """Load an artifact directory. backend: "auto" | "onnxruntime" | "onnxruntime-cuda" |
-        "tensorrt" | any registered name; backend_options go to the backend (threads=...)."""
+        "tensorrt" | any registered name; backend_options go to the backend (threads=...).
+
+        Integrity (kvtrace.manifest.verify_files): every file the manifest lists must have its
+        recorded size, and files up to manifest.HASH_LIMIT bytes their recorded sha256;
+        verify=True checks the sha256 of every file, however large."""
         artifact_dir = Path(artifact_dir)
         if not artifact_dir.is_dir():
-            raise KvtraceError(f"artifact directory {artifact_dir} not found")
+            what = "is not a directory" if artifact_dir.exists() else "not found"
+            raise KvtraceError(f"artifact directory {artifact_dir} {what} (an artifact is the directory "
+                               "`kvtrace export` writes)")
         manifest = _load_manifest(artifact_dir)
+        from kvtrace.manifest import verify_files
+
+        verify_files(manifest, full=verify)
         tokenizer = Tokenizer.from_manifest(artifact_dir, _manifest_get(manifest, "tokenizer", None))
         if backend == "auto":
             errors = []
@@ -123,6 +133,25 @@ class Model:
             raise KvtraceError(f"{what}: token id {tok} out of range for the vocabulary of size {V} "
                                f"(valid ids 0..{V - 1})")
 
+    def _id_row(self, p, what: str) -> np.ndarray:
+        """One row of token ids as int64 (1-D); anything that is not a list of integers that fit
+        int64 (floats, bools, strings, 2**70) is a KvtraceError naming the row, not a silent cast."""
+        if isinstance(p, (str, bytes)):
+            raise KvtraceError(f"{what}: expected a list of token ids, got text {p[:20]!r}")
+        try:
+            arr = np.asarray(p)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise KvtraceError(f"{what}: expected a list of integer token ids ({e})") from None
+        if arr.ndim == 1 and arr.dtype.kind == "O" and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            big = next(t for t in p if not -2**63 <= t < 2**63)
+            raise KvtraceError(f"{what}: token id {big} does not fit in int64 (valid ids 0..{self.config.vocab_size - 1})")
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise KvtraceError(f"{what}: expected a flat list of integer token ids (0..{self.config.vocab_size - 1}), "
+                               f"got {repr(p)[:80]}")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise KvtraceError(f"{what}: token id {int(arr.max())} does not fit in int64")
+        return arr.astype(np.int64)
+
     def _bind_batch(self, B: int) -> None:
         """(Re)allocate and bind the per-batch-size buffers: caches (static) and step logits."""
         be, cfg = self.backend, self.config
@@ -154,13 +183,14 @@ class Model:
         if B > self.max_batch:
             raise KvtraceError(f"batch of {B} prompts exceeds the artifact's max_batch {self.max_batch} "
                                "(export with a larger --max-batch)")
-        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        rows = [self._id_row(p, f"prompt {b}") for b, p in enumerate(prompts)]
+        lens = np.array([len(r) for r in rows], dtype=np.int64)
         if (lens == 0).any():
             raise KvtraceError(f"prompt {int(np.argmin(lens))} is empty (give at least one token, e.g. BOS)")
         T = int(lens.max())
         ids = np.full((B, T), self.pad_token_id, dtype=np.int64)  # (B, T) right padded
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = np.asarray(p, dtype=np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
         self._check_ids(ids, "prompt")
         if T > self.max_seq:
             raise KvtraceError(f"prompt of {T} tokens is longer than the cache ({self.max_seq} positions)")
@@ -228,7 +258,7 @@ class Model:
         if self._B is None or len(self._lengths) != self._B:
             raise KvtraceError("step() before start(): begin a batch with start(prompts)")
         B = self._B
-        tok = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tok = self._id_row(np.asarray(tokens).reshape(-1) if np.ndim(tokens) else [tokens], "step tokens")
         if tok.shape[0] != B:
             raise KvtraceError(f"step() got {tok.shape[0]} tokens for a batch of {B}")
         self._check_ids(tok, "step token")
@@ -269,6 +299,11 @@ class Model:
         """A text prompt's ids, with the tokenizer's own template (Llama's BOS; nothing for GPT-NeoX)."""
         if self.tokenizer is None:
             raise KvtraceError(f"artifact {self.artifact_dir} has no tokenizer: give token ids instead of text")
+        if not isinstance(text, str):
+            raise KvtraceError(f"prompt: expected text, got {type(text).__name__}")
+        bad = utf8_problem(text)
+        if bad:
+            raise KvtraceError(f"prompt {text[:20]!r}: {bad}")
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def close(self) -> None:

@@ -325,10 +325,12 @@ def record(reference, prompts: list[list[int]], steps: int) -> Trace:
     t0 = time.perf_counter()
     pre = [np.asarray(r, dtype=np.float32) for r in reference.start(prompts)]
     trace = Trace(prompts=[list(p) for p in prompts], prefill=pre)
+    _reference_finite([r[:len(p)] for r, p in zip(pre, prompts)], reference, "the prefill")
     last = np.stack([r[len(p) - 1] for r, p in zip(pre, prompts)])  # (B, V)
-    for _ in range(steps):
+    for s in range(steps):
         tok = [int(t) for t in last.argmax(-1)]
         last = np.asarray(reference.step(tok), dtype=np.float32)  # (B, V)
+        _reference_finite([last], reference, f"decode step {s + 1}")
         trace.tokens.append(tok)
         trace.decode.append(last)
     trace.seconds = time.perf_counter() - t0
@@ -341,6 +343,14 @@ def _shape(x) -> tuple:
 
 def _concat(parts: list):
     return RefLogits.concat(parts) if isinstance(parts[0], RefLogits) else np.concatenate(parts)
+def _reference_finite(rows, reference, where: str) -> None:
+    """A reference with NaN/Inf logits cannot judge anything: say so instead of blaming the artifact."""
+    if all(np.isfinite(r).all() for r in rows):
+        return
+    desc = getattr(reference, "description", None) or {}
+    what = desc.get("path") or desc.get("kind") or "the reference"
+    raise KvtraceError(f"the reference model ({what}) produced non-finite logits in {where}: its weights hold "
+                       "NaN/Inf or its activations overflow, so it cannot judge the artifact")
 
 
 def replay(artifact, trace: Trace) -> dict:

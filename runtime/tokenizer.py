@@ -118,3 +118,22 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+
+def check_tokenizer_file(path: str | Path, vocab_size: int) -> int:
+    """A tokenizer.json about to be copied into an artifact: it must load, and every id it can
+    produce (its vocabulary and added tokens) must be below the model's vocab_size, or the
+    artifact could never run its own prompts. KvtraceError names the file and the first token
+    beyond the vocabulary. Returns the largest id."""
+    tok = HFTokenizer(path)
+    vocab = tok._tok.get_vocab(with_added_tokens=True)  # token -> id
+    if not vocab:
+        raise KvtraceError(f"tokenizer file {path}: it has no tokens")
+    name, top = max(vocab.items(), key=lambda kv: kv[1])
+    if top >= vocab_size:
+        beyond = sum(1 for i in vocab.values() if i >= vocab_size)
+        raise KvtraceError(f"tokenizer file {path}: token {name!r} has id {top}, beyond the model's vocabulary of "
+                           f"{vocab_size} (config.json vocab_size; {beyond} token(s) out of range): this tokenizer "
+                           "belongs to another model. Put the model's own tokenizer.json beside it, or export "
+                           "with --no-tokenizer")
+    return top

@@ -159,7 +159,7 @@ def test_tokenizer_copied_and_cli_default(tmp_path, monkeypatch):
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_hf.checkpoint("neox_parallel_r025"), ckpt)
-    tok = '{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}'
+    tok = '{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}}'
     (ckpt / "tokenizer.json").write_text(tok)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["export", "--checkpoint", str(ckpt), "--max-seq", "32", "--cache", "dynamic"]) == 0

@@ -194,9 +194,11 @@ def test_manifest_missing_model_file(tmp_path):
 
 
 def test_write_manifest_is_atomic_and_round_trips(tmp_path):
-    (tmp_path / "model.onnx").write_bytes(b"")
-    d = {"architecture": "llama", "config": {}, "dtype": "float16", "onnx": "model.onnx", "io": {"layout": "static"}}
+    from tests.runtime_toy import build_toy
+
+    build_toy(tmp_path, layout="dynamic")
+    d = json.loads((tmp_path / io_spec.MANIFEST_NAME).read_text())
     write_manifest(tmp_path, d)
     assert _entries(tmp_path) == ["kvtrace.json", "model.onnx"]  # no temporary file left
     m = load_manifest(tmp_path)
-    assert m.format_version == io_spec.FORMAT_VERSION and m.dtype == "float16" and m.layout == "static"
+    assert m.format_version == io_spec.FORMAT_VERSION and m.dtype == "float32" and m.layout == "dynamic"

@@ -121,6 +121,12 @@ def test_gpu_form_comparison_can_fail(gpu_artifacts, tmp_path, tmp_path_factory,
 
     gpu_form.write(cfg, TorchWeights(loaded.model), art, dtype="float32", max_seq=48, opset=24)
     monkeypatch.undo()
+    # a wrong *export* (its digests describe the wrong graph), not a file damaged afterwards
+    from kvtrace.manifest import file_digests, write_manifest
+
+    data = dict(load_manifest(art).data)
+    data["files"] = file_digests(art, list(data["files"]))
+    write_manifest(art, data)
     cpu_pre, cpu_steps = _logits(art, "cpu")
     gpu_pre, gpu_steps = _logits(art, "gpu")
     assert max(np.abs(cpu_pre - gpu_pre).max(), np.abs(cpu_steps - gpu_steps).max()) > 1e-3

@@ -189,7 +189,13 @@ def test_existing_output_needs_force(tmp_path):
     with pytest.raises(KvtraceError, match="--force"):
         convert(src, out)
     assert (out / "old.txt").exists()
-    assert cli(["convert-llama2c", str(src), "--out", str(out), "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # --force never deletes a directory the converter did not write (issue 8: data loss)
+    assert cli(["convert-llama2c", str(src), "--out", str(out), "--force"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    shutil.rmtree(out)
+    assert cli(["convert-llama2c", str(src), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "kvtrace-convert.json", "model.safetensors"]
+    assert cli(["convert-llama2c", str(src), "--out", str(out), "--force"]) == 0  # its own output: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "kvtrace-convert.json", "model.safetensors"]
     _no_leftovers(tmp_path, {"m.bin", "hf"})
     shutil.rmtree(out)

@@ -201,8 +201,8 @@ def test_missing_tensorrt_names_the_packages(built, capsys, monkeypatch):
 @pytest.mark.parametrize("argv,msg", [
     (["--max-seq", str(MAX_SEQ + 1)], f"--max-seq {MAX_SEQ + 1} exceeds the artifact's static cache length"),
     (["--opt-seq", "40", "--max-seq", "32"], "--opt-seq 40"),
-    (["--max-batch", "0"], "--max-batch 0"),
-    (["--workspace", "0"], "--workspace 0"),
+    (["--max-batch", "0"], "argument --max-batch: 0 is out of range"),
+    (["--workspace", "0"], "argument --workspace: 0 is out of range"),
 ])
 def test_bad_build_options(built, capsys, argv, msg):
     before = (built / "kvtrace.json").read_bytes()
