@@ -133,6 +133,28 @@ def _stop_ids(model, stop_token_ids) -> set[int]:
     return {int(t) for t in stop_token_ids}
 
 
+def _prompt_ids(model, prompts) -> list[list[int]]:
+    """Text prompts through the tokenizer, or token id lists; a batch of one kind."""
+    if isinstance(prompts, (str, bytes)):
+        raise KvtraceError("prompts must be a list (of strings or of token id lists)")
+    prompts = list(prompts)
+    if not prompts:
+        raise KvtraceError("no prompts given")
+    if all(isinstance(p, str) for p in prompts):
+        return [model.encode(p) for p in prompts]
+    if any(isinstance(p, str) for p in prompts):
+        raise KvtraceError("prompts mix text and token ids")
+    return prompts  # Model.check_prompts checks every id
+
+
+def _check_room(model, ids: list[list[int]], max_new_tokens: int) -> None:
+    longest = max(len(p) for p in ids)
+    if longest + max_new_tokens > model.max_seq:
+        raise KvtraceError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the "
+                           f"cache ({model.max_seq} positions); shorten the prompt, lower --max-new-tokens "
+                           "or export with a larger --max-seq")
+
+
 def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float | None = None, seed: int | None = None,
@@ -147,17 +169,7 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     Raises NonFiniteLogits (kvtrace.errors; exit 1 in the CLI, a failed request in a server)
     when a live row's logits hold NaN/Inf: no token is produced from them.
     """
-    if isinstance(prompts, (str, bytes)):
-        raise KvtraceError("prompts must be a list (of strings or of token id lists)")
-    prompts = list(prompts)
-    if not prompts:
-        raise KvtraceError("no prompts given")
-    if all(isinstance(p, str) for p in prompts):
-        ids = [model.encode(p) for p in prompts]
-    elif any(isinstance(p, str) for p in prompts):
-        raise KvtraceError("prompts mix text and token ids")
-    else:
-        ids = prompts  # Model.check_prompts checks every id
+    ids = _prompt_ids(model, prompts)
     check_int("max_new_tokens", max_new_tokens, 0, None)
     if seed is not None:
         check_int("seed", seed, 0, SEED_MAX)
@@ -166,21 +178,21 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     if stop_strings and model.tokenizer is None:
         raise KvtraceError("stop strings need a tokenizer; this artifact has none (use stop token ids)")
     ids = [r[:n].tolist() for r, n in zip(*model.check_prompts(ids))]  # batch, empty, ids, length
-    longest = max(len(p) for p in ids)
-    if longest + max_new_tokens > model.max_seq:
-        raise KvtraceError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the "
-                           f"cache ({model.max_seq} positions); shorten the prompt, lower --max-new-tokens "
-                           "or export with a larger --max-seq")
-    rng = np.random.default_rng(seed)
+    _check_room(model, ids, max_new_tokens)
     stops = _stop_ids(model, stop_token_ids)
-    B = len(ids)
     rows = [Continuation(p, model.tokenizer, stop_ids=stops, stop_strings=stop_strings,
                          max_new_tokens=max_new_tokens) for p in ids]
+    if max_new_tokens > 0:
+        _decode_loop(model, ids, rows, params, np.random.default_rng(seed), max_new_tokens, on_token)
+    return [c.result for c in rows]
+
+
+def _decode_loop(model, ids, rows: list[Continuation], params: SamplingParams, rng, max_new_tokens: int,
+                 on_token) -> None:
+    """Prefill, then one decode step per new token until every row has finished."""
+    B = len(ids)
     use_penalty = params.repetition_penalty not in (None, 1.0)
     seen = [list(p) for p in ids] if use_penalty else None
-    if max_new_tokens == 0:
-        return [c.result for c in rows]
-
     # only each row's last real position: the graph skips the lm_head for the other prompt tokens
     last = np.asarray(model.start(ids, logits="last"))[:, 0, :]  # (B, V)
     live = np.ones(B, dtype=bool)
@@ -196,7 +208,6 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
             if on_token is not None:
                 on_token(int(b), t, delta)
         if not live.any():
-            break
+            return
         feed = np.where(live, nxt, pad)  # finished rows step on padding; their outputs are ignored
         last = model.step(feed)
-    return [c.result for c in rows]
