@@ -115,11 +115,12 @@ def _bf16_twin(art: Path, cfg, weights: Mapping, spec) -> Path:
 
     twin = art / ".bf16-twin"
     twin.mkdir()
-    graph, inits, _ = onnx_graph.build(cfg, _Bf16Rounded(weights), dtype="float32", layout=spec.layout,
-                                       max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend)
+    graph, inits, _ = onnx_graph.build(cfg, _Bf16Rounded(weights), **{**spec.graph_options(), "dtype": "float32"})
     write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=False)
     data = dict(load_manifest(art).data)
     data["dtype"], data["external_data"], data["tokenizer"] = "float32", None, None
+    data.pop("graphs", None)  # the twin is model.onnx alone
+    data.pop("files", None)
     data["io"] = io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                vocab_size=cfg.vocab_size, dtype="float32", layout=spec.layout,
                                max_seq=spec.max_seq, max_batch=spec.max_batch)
