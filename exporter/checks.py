@@ -207,7 +207,7 @@ def check_initializers(onnx_path: Path, inits, log=None) -> dict:
             where = {n: (onnx_path, s, e) for n, (s, e) in embedded_raw_data(mm).items()}
         except (ValueError, IndexError, UnicodeDecodeError) as e:
             raise CheckFailed(f"{onnx_path}: cannot locate the weights in the written file ({e})") from None
-    if len(where) < len(inits):  # external data: the graph names (location, offset, length)
+    if any(t.name not in where for t in inits):  # external data: the graph names (location, offset, length)
         import onnx
 
         model = onnx.load(str(onnx_path), load_external_data=False)

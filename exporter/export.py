@@ -1,13 +1,16 @@
-"""`kvtrace export`: a reference model -> an artifact directory (model.onnx + kvtrace.json).
+"""`kvtrace export`: a reference model -> an artifact directory (model.onnx, model.gpu.onnx,
+model.onnx.data, kvtrace.json, tokenizer).
 
-The ONNX graph is built directly from the ModelConfig (exporter/onnx_graph.py); weights are
-streamed into the file one tensor at a time (protobuf wire format written by hand, so a
-650 MB model is never held twice in memory), the artifact is assembled in a temporary
+The ONNX graph is built directly from the ModelConfig (exporter/onnx_graph.py), or traced from
+the reference with --via trace; weights are streamed into model.onnx.data one tensor at a time
+(so a 650 MB model is never held twice in memory) and shared by the two graph forms
+(exporter/gpu_form.py), the artifact is assembled in a temporary
 directory next to --out, validated (onnx.checker, shape inference, onnxruntime against the
 reference model) and only then renamed into place.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shutil
 import sys
@@ -179,55 +182,56 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
     return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
 
 
-TARGETS = ("cpu", "gpu")
 VIAS = ("build", "trace")  # build: exporter/onnx_graph.py from the config; trace: exporter/trace_export.py
 
 
 @dataclass(frozen=True)
 class ExportSpec:
     """What one export writes, with every default filled and every option checked once
-    (the CLI and the Python API both go through `make`)."""
+    (the CLI and the Python API both go through `make`).
+
+    Every artifact holds two forms of the graph built from the same options (graph_options()),
+    sharing one weight file, model.onnx.data: model.onnx (onnxruntime on the CPU) and
+    model.gpu.onnx (TensorRT and onnxruntime-cuda; exporter/gpu_form.py)."""
     dtype: str = "float32"
     layout: str = "static"
     max_seq: int = configs.DEFAULT_MAX_SEQ
     max_batch: int = configs.DEFAULT_MAX_BATCH
     opset: int = configs.DEFAULT_OPSET
-    attend: str = "used"  # static cache: "used" (CPU: slots in use) or "full" (GPU: value-independent shapes)
-    target: str = "cpu"  # "gpu": also model.gpu.onnx (exporter/gpu_form.py), sharing the weight file
+    attend: str = "used"  # model.onnx, static cache: "used" (slots in use) or "full" (the GPU form's)
     via: str = "build"
-    external_data: bool = False
     validate: bool = True
 
     @classmethod
     def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
-             attend="used", target="cpu", via="build", external_data=False, validate=True) -> "ExportSpec":
+             attend="used", via="build", validate=True) -> "ExportSpec":
         if via not in VIAS:
             raise KvtraceError(f"--via {via!r}: expected one of {', '.join(VIAS)}")
         if via == "trace":
             from kvtrace.exporter import trace_export
 
             trace_export.check_options(opset=configs.DEFAULT_OPSET if opset is None else opset)
-        if target not in TARGETS:
-            raise KvtraceError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
-        if target == "gpu" and layout != "static":
-            raise KvtraceError("--target gpu needs --cache static (the GPU form attends over the whole static cache)")
         spec = cls(dtype=dtype, layout=layout,
                    max_seq=configs.default_max_seq(cfg) if max_seq is None else max_seq,
                    max_batch=configs.DEFAULT_MAX_BATCH if max_batch is None else max_batch,
-                   opset=configs.DEFAULT_OPSET if opset is None else opset, attend=attend, target=target, via=via,
-                   # the GPU form shares the weight file: a second graph costs kilobytes, not a second copy
-                   external_data=bool(external_data) or target == "gpu", validate=bool(validate))
+                   opset=configs.DEFAULT_OPSET if opset is None else opset, attend=attend, via=via,
+                   validate=bool(validate))
         onnx_graph.check_options(cfg, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset)
         if not isinstance(spec.max_batch, int) or spec.max_batch < 1:
             raise KvtraceError(f"--max-batch {spec.max_batch!r}: must be a positive integer")
         return spec
+
+    def graph_options(self) -> dict:
+        """onnx_graph.build's options for model.onnx; the GPU form derives its own from these
+        (gpu_form.graph_options), so an option added here reaches both graphs."""
+        return dict(dtype=self.dtype, layout=self.layout, max_seq=self.max_seq, opset=self.opset, attend=self.attend)
 
 
 def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, force: bool = False,
                  release_weights: bool = False, log=None, where=None, **options) -> Path:
     """Export `model` (a kvtrace.models.transformer.Transformer) to the artifact directory
     `out_dir`; `options` are ExportSpec.make's (dtype, layout, max_seq, max_batch, opset, attend,
-    external_data, validate). The model itself is the validation reference (in fp32).
+    via, validate). The model itself is the validation reference (in fp32).
 
     release_weights: free the model's parameters once they are written and the reference has
     run (the model is unusable afterwards), so onnxruntime's validation does not sit beside them.
@@ -282,18 +286,15 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     weights = checks.checked(weights, where, spec.dtype)  # NaN/Inf (or beyond the dtype) refused, naming the tensor
     tmp, made_parents = files.staging_dir(out)
     try:
-        graph, inits, graph_info, external = _write_graph(cfg, weights, tmp, spec, log, model)
+        graph, inits, graph_info = _write_graph(cfg, weights, tmp, spec, log, model)
         readback = checks.check_initializers(tmp / io_spec.ONNX_NAME, inits, lambda m: log("validate: " + m)) \
             if spec.validate else None
-        gpu_sk = None
-        if spec.target == "gpu":
-            gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, dtype=spec.dtype, max_seq=spec.max_seq,
-                                              opset=spec.opset)
-            log(f"wrote {gpu_form.GPU_ONNX_NAME} (attention over the whole cache, weights shared)")
+        built = gpu_form.from_traced(graph, inits, graph_info) if spec.via == "trace" else None
+        gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, built=built, **spec.graph_options())
+        log(f"wrote {gpu_form.GPU_ONNX_NAME} (the TensorRT / onnxruntime-cuda form; weights shared)")
         tok = _copy_tokenizer(tok_path, tokenizer, tmp, log)
-        manifest = _manifest(cfg, spec, graph_info, external, tok, source)
-        if gpu_sk is not None:
-            manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
+        manifest = _manifest(cfg, spec, graph_info, tok, source)
+        manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
         manifest["files"] = manifest_mod.file_digests(tmp, [p.name for p in sorted(tmp.iterdir())])
         write_manifest(tmp, manifest)
         if spec.validate:
@@ -303,9 +304,9 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
                 tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model,
                 log=lambda m: log("validate: " + m))
             manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
-            if gpu_sk is not None:
-                manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME)
-                log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
+            manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME, layout=spec.layout,
+                                                            traced=spec.via == "trace")
+            log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
             write_manifest(tmp, manifest)
         elif release is not None:
             release()
@@ -332,23 +333,24 @@ def make_graph(cfg, weights, spec: ExportSpec, model=None, *, dtype: str | None 
 
         return trace_export.trace(model, dtype=dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset,
                                   log=log)
-    return onnx_graph.build(cfg, weights, dtype=dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset,
-                            attend=spec.attend)
+    return onnx_graph.build(cfg, weights, **{**spec.graph_options(), "dtype": dtype})
 
 
 def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, model=None):
-    """Build (or trace) the graph and stream the weights into tmp/model.onnx (+ .data)."""
+    """Build (or trace) the graph and stream the weights into tmp/model.onnx.data, the graph to
+    tmp/model.onnx.
+
+    Weights are always external: the GPU form shares the file, and onnxruntime memory-maps
+    external data (an embedded fp32 model peaked 150-300 MB higher at 160M parameters)."""
     t0 = time.perf_counter()
     graph, inits, graph_info = make_graph(cfg, weights, spec, model, log=log)
     n_bytes = sum(t.nbytes for t in inits)
-    external = spec.external_data or n_bytes + (1 << 20) >= TWO_GB
     log(f"{'traced' if spec.via == 'trace' else 'built'} graph: {len(graph.graph.node)} nodes, {len(inits)} "
         f"weights, {n_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.2f}s)")
     t0 = time.perf_counter()
-    size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external)
-    log(f"wrote {io_spec.ONNX_NAME}{' + ' + DATA_NAME if external else ''}: {size / 1e6:.1f} MB "
-        f"({time.perf_counter() - t0:.2f}s)")
-    return graph, inits, graph_info, external
+    size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=True)
+    log(f"wrote {io_spec.ONNX_NAME} + {DATA_NAME}: {size / 1e6:.1f} MB ({time.perf_counter() - t0:.2f}s)")
+    return graph, inits, graph_info
 
 
 def _copy_tokenizer(tok_path: Path | None, tokenizer, tmp: Path, log) -> dict | None:
@@ -385,7 +387,7 @@ def _copy_chat_template(src: Path, dst: Path, log) -> dict:
     return keys
 
 
-def _manifest(cfg, spec: ExportSpec, graph_info: dict, external: bool, tok, source) -> dict:
+def _manifest(cfg, spec: ExportSpec, graph_info: dict, tok, source) -> dict:
     from kvtrace import __version__
 
     return {
@@ -395,7 +397,7 @@ def _manifest(cfg, spec: ExportSpec, graph_info: dict, external: bool, tok, sour
         "dtype": spec.dtype,
         "opset": spec.opset,
         "onnx": io_spec.ONNX_NAME,
-        "external_data": DATA_NAME if external else None,
+        "external_data": DATA_NAME,
         "io": io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                             vocab_size=cfg.vocab_size, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq,
                             max_batch=spec.max_batch),
@@ -447,13 +449,13 @@ def add_arguments(p) -> None:
                    help="build: the graph built from the config (default; fast, low memory); trace: traced "
                         "from the reference PyTorch model by torch.onnx (opset 24 only; needs kvtrace[trace])")
     p.add_argument("--out", type=options.artifact_out, help="artifact directory (default ./kvtrace-ARCH-DTYPE-CACHE)")
-    p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data")
+    # weights are always in model.onnx.data now (shared by model.onnx and model.gpu.onnx); the
+    # options that chose it, and the GPU form, are still accepted so that older scripts keep working
+    p.add_argument("--external-data", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check against the reference")
-    p.add_argument("--target", choices=TARGETS, default="cpu",
-                   help="gpu: also write model.gpu.onnx, the form with value-independent shapes that "
-                        "onnxruntime-cuda and TensorRT use (CUDA graphs); implies --external-data")
+    p.add_argument("--target", choices=("cpu", "gpu"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-tokenizer", action="store_true",
                    help="do not copy the checkpoint's tokenizer.json (the artifact then takes token ids only)")
     p.add_argument("--force", action="store_true",
@@ -514,8 +516,7 @@ def main(args) -> int:
         tokenizer = None if args.no_tokenizer else "builtin-bytes"
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
     spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
-                           opset=args.opset, target=args.target, via=args.via, external_data=args.external_data,
-                           validate=not args.no_validate)
+                           opset=args.opset, via=args.via, validate=not args.no_validate)
     if model is None:  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)
     _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")

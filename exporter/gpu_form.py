@@ -1,25 +1,25 @@
-"""The GPU graph form, written beside model.onnx by `kvtrace export --target gpu`.
+"""The GPU graph form, model.gpu.onnx, written beside model.onnx by every `kvtrace export`:
+the graph TensorRT builds from (`kvtrace build`, or `trtexec --onnx=model.gpu.onnx`) and
+onnxruntime-cuda runs. docs/gpu.md and docs/tensorrt.md have the decisions and the evidence.
 
-model.onnx (the CPU form, attend="used") slices each layer's static cache to the slots in use,
-L = max(position_ids) + 1: a shape computed from input *values*. On a GPU that costs a
-device->host copy of position_ids every step (onnxruntime's CUDA Slice reads its ends on the
-host) and rules out CUDA graphs (a captured graph replays fixed shapes). The GPU form
-(exporter/onnx_graph.py, attend="full") attends over all S_max slots with the bool mask instead:
-every shape depends on input shapes only (checked here with ONNX's strict shape inference).
-
-It differs from model.onnx in two ways only:
-  * attend="full" (no Slice; k_slot is a constant (S_max,) range);
-  * no `softmax_precision` on Attention. onnxruntime-gpu builds before the CUDA kernel accepted
-    the attribute fail at run time on any non-default value (onnxruntime PR #27542 rejected it,
-    #27714 then accepted it, stating that every CUDA attention kernel already computes softmax
-    in fp32), and TensorRT's parser rejects it (`kvtrace build` drops it too). Dropping it costs
-    nothing on the GPU and lets one file serve builds either side of that change without onnx
-    installed on the GPU machine. On the CPU (which uses model.onnx) fp16 softmax precision is
-    kept.
+It is built by the same builder with the same options as model.onnx (so every option of the
+export, quantisation included, reaches both), except:
+  * static cache: attend="full" instead of "used". model.onnx slices each layer's cache to the
+    slots in use, L = max(position_ids) + 1: a shape computed from input *values*, which on a GPU
+    costs a device->host copy every step (onnxruntime-cuda's Slice, TensorRT's
+    DeviceToShapeHost layer) and rules out CUDA graphs. The GPU form attends over all S_max slots
+    with the bool mask: every shape depends on input shapes only (checked here with ONNX's strict
+    shape inference).
+  * attention_precision="native" instead of "float32" (fp16/bf16 graphs): the Attention node in
+    the graph dtype and without `softmax_precision`, which TensorRT's parser rejects ("Setting
+    softmax precision is not supported in TensorRT Attention."); TensorRT's fused attention
+    kernels and onnxruntime-cuda's accumulate the scores in fp32. model.onnx, for onnxruntime's
+    CPU kernel, which does not, computes attention in fp32. The portable (--opset 17) GPU form
+    is the MatMul/Softmax spelling TensorRT's Myelin fuses into one attention kernel.
 
 The weights are not written twice: model.gpu.onnx's initializers point into model.onnx.data at
 the offsets model.onnx uses (same names, dims and types, checked), so the second graph costs
-kilobytes. docs/gpu.md has the decisions and what was and was not executed.
+kilobytes at any model size.
 """
 from __future__ import annotations
 
@@ -30,11 +30,13 @@ from kvtrace.errors import KvtraceError
 
 GPU_ONNX_NAME = "model.gpu.onnx"
 FORM = "gpu"  # the key of this form in the manifest's "graphs"
+USED_BY = ["tensorrt", "onnxruntime-cuda"]  # the manifest entry's "for"
 
 
 def drop_attention_attribute(model, name: str = "softmax_precision") -> list[str]:
     """Remove attribute `name` from every standard-domain Attention node of `model` (in place);
-    returns the names of the nodes changed."""
+    returns the names of the nodes changed. (`kvtrace build` of artifacts exported before the
+    GPU form existed, whose model.onnx still carries softmax_precision.)"""
     changed = []
     for node in model.graph.node:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
@@ -46,15 +48,21 @@ def drop_attention_attribute(model, name: str = "softmax_precision") -> list[str
     return changed
 
 
-def build(cfg, weights, *, dtype: str, max_seq: int, opset: int):
-    """-> (ModelProto without weights, [Initializer], graph description) of the GPU form."""
+def graph_options(cpu_options: dict) -> dict:
+    """The builder options of the GPU form from those of model.onnx (ExportSpec.graph_options())."""
+    opts = dict(cpu_options, attention_precision="native")
+    if opts.get("layout", "static") == "static":
+        opts["attend"] = "full"
+    return opts
+
+
+def build(cfg, weights, **cpu_options):
+    """-> (ModelProto without weights, [Initializer], graph description) of the GPU form;
+    `cpu_options` are onnx_graph.build's options for model.onnx (dtype, layout, max_seq, opset, ...)."""
     from kvtrace.exporter import onnx_graph
 
-    model, inits, info = onnx_graph.build(cfg, weights, dtype=dtype, layout="static", max_seq=max_seq,
-                                          opset=opset, attend="full")
-    dropped = drop_attention_attribute(model, "softmax_precision")
-    info = {**info, "softmax_precision": "dropped" if dropped else "absent"}
-    return model, inits, info
+    model, inits, info = onnx_graph.build(cfg, weights, **graph_options(cpu_options))
+    return model, inits, {**info, "for": list(USED_BY)}
 
 
 def _external_metas(onnx_path: Path) -> dict:
@@ -70,15 +78,28 @@ def _external_metas(onnx_path: Path) -> dict:
     return out
 
 
-def write(cfg, weights, out_dir: Path, *, dtype: str, max_seq: int, opset: int) -> tuple[dict, object]:
+def from_traced(graph, inits, info):
+    """The GPU form of a traced graph (`kvtrace export --via trace`): the traced static graph
+    already attends over the whole cache with the mask, so it is the same graph without
+    `softmax_precision` (which TensorRT's parser rejects)."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    drop_attention_attribute(model, "softmax_precision")
+    return model, inits, {**info, "softmax_precision": "dropped", "for": list(USED_BY)}
+
+
+def write(cfg, weights, out_dir: Path, *, built=None, **cpu_options) -> tuple[dict, object]:
     """Write out_dir/model.gpu.onnx, its weights referring to out_dir/model.onnx.data (which
-    must exist: the export writes model.onnx with external data first).
+    must exist: the export writes model.onnx with external data first). built: (graph, inits,
+    info) of the GPU form when it is not built here from the options (a traced graph).
 
     Returns (the manifest's graphs["gpu"] entry, the weightless skeleton for check())."""
     from kvtrace.exporter.export import skeleton
 
     out_dir = Path(out_dir)
-    model, inits, info = build(cfg, weights, dtype=dtype, max_seq=max_seq, opset=opset)
+    model, inits, info = built if built is not None else build(cfg, weights, **cpu_options)
     metas = _external_metas(out_dir / io_spec.ONNX_NAME)
     refs = []
     for t in inits:
@@ -134,11 +155,12 @@ def value_dependent_dims(model) -> list[str]:
     return bad
 
 
-def check(skeleton_model, path: Path) -> dict:
+def check(skeleton_model, path: Path, *, layout: str = "static", traced: bool = False) -> dict:
     """The export's checks of the GPU form: onnx.checker (by path, so the external references
-    are checked against model.onnx.data), strict shape inference, and value-independent
-    Attention input shapes. Its logits are compared with model.onnx's on the CPU by the tests
-    (tests/test_gpu_form.py) and on a GPU by `kvtrace gpu-check`."""
+    are checked against model.onnx.data), strict shape inference, and (static cache)
+    value-independent Attention input shapes. Its logits are compared with model.onnx's on the
+    CPU by the tests (tests/test_gpu_form.py) and on a GPU by `kvtrace gpu-check`; TensorRT-RTX
+    parses it in CI (tests/test_trt_interop.py)."""
     import onnx
 
     from kvtrace.exporter import validate as v
@@ -148,6 +170,12 @@ def check(skeleton_model, path: Path) -> dict:
         onnx.checker.check_model(str(path))
     except Exception as e:  # noqa: BLE001 - onnx raises several types
         raise KvtraceError(f"{path.name}: ONNX check failed: {e}") from e
+    if layout != "static":  # past + new tokens: shape inference cannot name the sum, nothing to check
+        return {"method": "onnx.checker + strict shape inference"}
+    if traced:  # torch.onnx's reshapes hide the dims from ONNX shape inference; nothing to prove with it
+        return {"method": "onnx.checker + strict shape inference (a traced graph: its Attention input shapes "
+                          "cannot be proven value-independent by shape inference; the traced static graph has "
+                          "no Slice to the slots in use)"}
     bad = value_dependent_dims(skeleton_model)
     if bad:
         raise KvtraceError(f"{path.name}: Attention inputs with shapes that depend on input values: "

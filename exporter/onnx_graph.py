@@ -41,6 +41,20 @@ Layout choices for onnxruntime's CPU kernels (they decide decode speed):
   * static cache, attend="full" (GPU form): no Slice; Attention reads the whole (B, n_kv, S_max,
     hd) cache with a (B, 1, T, S_max) mask, so every shape depends on input shapes only
     (no device->host read of position_ids, CUDA-graph capturable).
+
+Attention precision (fp16/bf16 graphs; fp32 graphs are the same either way):
+  * attention_precision="float32" (the CPU form, model.onnx): scores and softmax in fp32.
+    Fused: Q, K, V are Cast to fp32 around the Attention node and its output cast back.
+    onnxruntime's CPU Attention stores alpha*Q*K^T in the input dtype before the softmax and
+    ignores `softmax_precision`, so an fp16 Attention goes non-finite once a scaled score
+    passes 65504 (GPT-NeoX and XGLM checkpoints get there); docs/tensorrt.md has the
+    measurements. Portable: q and k Cast to fp32 before the first MatMul.
+  * attention_precision="native" (the GPU form, model.gpu.onnx, which TensorRT builds from):
+    fused: the Attention node in the graph dtype, without `softmax_precision` (the TensorRT
+    parser rejects it; the fused GPU kernels accumulate in fp32). Portable: the spelling
+    TensorRT's Myelin fuses into one attention kernel (TensorRT without IAttention, e.g. 10.3
+    on JetPack 6): fp16/bf16 MatMuls with Q pre-scaled, the softmax in fp32 between them, and
+    GQA by repeating K/V to all heads (docs/tensorrt.md).
 """
 from __future__ import annotations
 
@@ -246,15 +260,21 @@ class ModelGraph:
     """
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str, layout: str,
-                 max_seq: int, opset: int, attend: str = "used"):
+                 max_seq: int, opset: int, attend: str = "used", attention_precision: str = "float32"):
         check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
         if attend not in ATTEND:
             raise KvtraceError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
+        if attention_precision not in ATTENTION_PRECISIONS:
+            raise KvtraceError(f"attention_precision={attention_precision!r}: expected one of "
+                               f"{', '.join(ATTENTION_PRECISIONS)}")
         if attend == "full" and layout != "static":
-            raise KvtraceError("the full-cache graph form (--target gpu) needs --cache static")
+            raise KvtraceError("attend='full' (attention over the whole cache) needs --cache static")
         _check_weights(cfg, weights)
         self.cfg, self.weights, self.dtype, self.layout = cfg, weights, dtype, layout
         self.max_seq, self.opset, self.attend = max_seq, opset, attend
+        # scores and softmax in fp32 ("float32", the CPU form) or as TensorRT fuses them ("native")
+        self.fp32_attention = attention_precision == "float32" and dtype != "float32"
+        self.attention_precision = attention_precision
         self.fused = opset >= FUSED_MIN_OPSET
         self.g = _Builder(dtype, opset)
         self.shapes = cfg.param_shapes()
@@ -464,11 +484,15 @@ class ModelGraph:
             kk, vv = ok, ov
 
         scale = 1.0 / math.sqrt(hd)
-        if self.fused:
-            attrs = dict(scale=scale)
-            if self.dtype != "float32":
-                attrs["softmax_precision"] = TensorProto.FLOAT  # fp16 scores overflow for GPT-NeoX/XGLM
-            y = g.op("Attention", [q, kk, vv, mask], hint=f"l{i}_attn", **attrs)  # (B, H, T, hd)
+        if self.fused and self.fp32_attention:  # CPU form: fp32 scores (fp16 ones overflow past 65504)
+            f32 = TensorProto.FLOAT
+            q32, k32, v32 = (g.op("Cast", [t], to=f32) for t in (q, kk, vv))
+            y = g.op("Attention", [q32, k32, v32, mask], hint=f"l{i}_attn32", scale=scale)  # (B, H, T, hd) fp32
+            y = g.op("Cast", [y], to=g.tdtype, hint=f"l{i}_attn")
+        elif self.fused:  # graph dtype; no softmax_precision (TensorRT's parser rejects it)
+            y = g.op("Attention", [q, kk, vv, mask], hint=f"l{i}_attn", scale=scale)  # (B, H, T, hd)
+        elif self.attention_precision == "native":
+            y = self.fusable_attention(q, kk, vv, mask, scale, i)
         else:
             y = self.unfused_attention(q, kk, vv, mask, scale, i)
         y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.i64([0, 0, cfg.q_dim])])  # (B, T, H*hd)
@@ -493,6 +517,35 @@ class ModelGraph:
             probs = g.op("Cast", [probs], to=g.tdtype)
         y = g.op("MatMul", [probs, vg])  # (B, n_kv, rep, T, hd)
         return g.op("Reshape", [y, g.i64([0, H, -1, hd])], hint=f"l{i}_attn")  # (B, H, T, hd)
+
+    def fusable_attention(self, q: str, k: str, v: str, mask: str, scale: float, i: int) -> str:
+        """MatMul/Softmax attention spelled the way TensorRT's Myelin fuses it into one MHA kernel
+        (measured with TensorRT-RTX 1.7, docs/tensorrt.md): Q pre-scaled, Q*K^T and P*V in the
+        graph dtype, the mask and softmax in fp32 between them, K/V repeated to all H heads (the
+        5-D grouping of unfused_attention and an fp32 Cast of q/k before the first MatMul both
+        block the fusion)."""
+        g, cfg = self.g, self.cfg
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        f32 = TensorProto.FLOAT
+        if H != KV:  # (B, n_kv, S, hd) -> (B, n_kv, rep, S, hd) -> (B, H, S, hd)
+            rep = H // KV
+
+            def repeat(x: str, name: str) -> str:
+                x5 = g.op("Unsqueeze", [x, g.i64([2])])  # (B, n_kv, 1, S, hd)
+                shape = g.op("Shape", [x5])
+                target = g.op("Concat", [g.op("Slice", [shape, g.i64([0]), g.i64([2])]), g.i64([rep]),
+                                         g.op("Slice", [shape, g.i64([3]), g.i64([5])])], axis=0)
+                return g.op("Reshape", [g.op("Expand", [x5, target]), g.i64([0, H, -1, hd])], hint=name)
+
+            k, v = repeat(k, f"l{i}_k_rep"), repeat(v, f"l{i}_v_rep")
+        qs = g.op("Mul", [q, g.const(scale, self.np_dtype)], hint=f"l{i}_q_scaled")  # (B, H, T, hd)
+        scores = g.op("MatMul", [qs, g.op("Transpose", [k], perm=[0, 1, 3, 2])], hint=f"l{i}_scores")  # (B, H, T, S)
+        if self.dtype != "float32":
+            scores = g.op("Cast", [scores], to=f32)
+        probs = g.op("Softmax", [g.op("Where", [mask, scores, g.f32(-np.inf)])], axis=-1)  # (B, H, T, S) fp32
+        if self.dtype != "float32":
+            probs = g.op("Cast", [probs], to=g.tdtype)
+        return g.op("MatMul", [probs, v], hint=f"l{i}_attn")  # (B, H, T, hd)
 
     def block(self, i: int, x: str, rope, mask: str, write_idx, used) -> str:
         g, p = self.g, f"layers.{i}."
@@ -549,25 +602,29 @@ class ModelGraph:
         info = {"attention": "fused" if self.fused else "unfused",
                 "rotary": None if cfg.positions != "rope" else ("fused" if self.fused else "unfused"),
                 "cache_update": "TensorScatter" if self.layout == "static" else "concat",
-                "attend": self.attend if self.layout == "static" else "all"}
+                "attend": self.attend if self.layout == "static" else "all",
+                "attention_precision": self.attention_precision}
         return model, g.inits, info
 
 
 ATTEND = ("used", "full")
+ATTENTION_PRECISIONS = ("float32", "native")
 
 
 def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "float32",
-          layout: str = "static", max_seq: int, opset: int = FUSED_MIN_OPSET, attend: str = "used"):
+          layout: str = "static", max_seq: int, opset: int = FUSED_MIN_OPSET, attend: str = "used",
+          attention_precision: str = "float32"):
     """-> (ModelProto without weight initializers, [Initializer], description dict); see ModelGraph."""
     return ModelGraph(cfg, weights, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset,
-                      attend=attend).build()
+                      attend=attend, attention_precision=attention_precision).build()
 
 
 def build_graph(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "float32",
                 layout: str = "static", max_seq: int, opset: int = FUSED_MIN_OPSET,
-                attend: str = "used") -> onnx.ModelProto:
+                attend: str = "used", attention_precision: str = "float32") -> onnx.ModelProto:
     """The complete ModelProto with weights inside (fine below 2 GB; the exporter streams)."""
-    model, inits, _ = build(cfg, weights, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset, attend=attend)
+    model, inits, _ = build(cfg, weights, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset, attend=attend,
+                            attention_precision=attention_precision)
     model.graph.initializer.extend(t.tensor() for t in inits)
     return model
 

@@ -6,8 +6,9 @@ torch.onnx (dynamo, opset 24), so a change to the reference model is exported wi
 matching change to the builder. The reference's three fused points are custom operators
 (models/ops.py); the translation table below maps each to the node the builder emits:
 
-  kvtrace::attention         -> Attention(q, k, v, bool mask; scale, softmax_precision=FLOAT
-                                for fp16/bf16), 4-D, one output, GQA kept as GQA
+  kvtrace::attention         -> Attention(q, k, v, bool mask; scale), 4-D, one output, GQA kept
+                                as GQA; fp16/bf16: q/k/v cast to fp32 around it (the builder's
+                                CPU form; the GPU form drops the casts' need: exporter/gpu_form.py)
   kvtrace::rotary_embedding  -> RotaryEmbedding(x, cos, sin, position_ids; interleaved=0,
                                 rotary_embedding_dim)
   kvtrace::cache_update      -> TensorScatter(past, new, position_ids[:, 0]; axis=-2), input 0
@@ -76,11 +77,14 @@ def _translation_table():
     op = onnxscript.values.Opset("", TRACE_OPSET)
 
     def attention(q, k, v, mask, scale):
-        attrs = {}
-        if q.dtype != ir.DataType.FLOAT:  # fp16 scores overflow for GPT-NeoX/XGLM: softmax in fp32
-            attrs["softmax_precision"] = ir.DataType.FLOAT.value
         # the op has 4 optional outputs; only Y is used (TensorRT takes one-output Attention only)
-        return op.Attention(q, k, v, mask, scale=scale, **attrs)[0]  # (B, H, T, hd)
+        if q.dtype == ir.DataType.FLOAT:
+            return op.Attention(q, k, v, mask, scale=scale)[0]  # (B, H, T, hd)
+        # fp16/bf16: scores and softmax in fp32, as the builder's CPU form (model.onnx) does:
+        # onnxruntime ignores softmax_precision and fp16 scores overflow past 65504 (GPT-NeoX/XGLM)
+        f32 = ir.DataType.FLOAT.value
+        y = op.Attention(op.Cast(q, to=f32), op.Cast(k, to=f32), op.Cast(v, to=f32), mask, scale=scale)[0]
+        return op.Cast(y, to=q.dtype.value)  # (B, H, T, hd)
 
     def rotary_embedding(x, cos_cache, sin_cache, position_ids, rotary_dim):
         return op.RotaryEmbedding(x, cos_cache, sin_cache, position_ids, interleaved=0,

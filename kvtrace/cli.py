@@ -36,7 +36,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("kvtrace.runtime.bench", "prefill and decode latency, throughput and memory", None),
     "serve": Command("kvtrace.runtime.serve", "serve an artifact over an OpenAI-compatible HTTP API with continuous "
                      "batching", "serve"),
-    "build": Command("kvtrace.exporter.trt", "build a TensorRT engine from an artifact's model.onnx", "trt"),
+    "build": Command("kvtrace.exporter.trt", "build a TensorRT engine from an artifact; or print the trtexec command "
+                     "(--print-trtexec), or check and record an engine built elsewhere (--import)", "trt"),
     "gpu-check": Command("kvtrace.runtime.gpu_check", "on an NVIDIA GPU: check device, versions, node placement, "
                          "parity with the CPU path, in-place cache, CUDA graphs and timings; one report", None),
     "convert-llama2c": Command("kvtrace.models.llama2c", "convert a llama2.c .bin checkpoint to a Hugging Face "

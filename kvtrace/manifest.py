@@ -15,10 +15,14 @@ Schema (format_version 1):
           absent in artifacts exported before --via existed),
    "graph": {"attention": "fused"|"unfused", "rotary": "fused"|"unfused"|null,
              "cache_update": "TensorScatter"|"concat", "attend": "used"|"full"|"all"},
-   "graphs": {"gpu": {"onnx": "model.gpu.onnx", "attend": "full", "softmax_precision": "dropped"|"absent",
-                      ...the "graph" fields}} (optional: other forms of the graph beside model.onnx,
-             sharing its weights; written by `kvtrace export --target gpu`, docs/gpu.md),
-   "validation": {...} (what the exporter checked), "tensorrt": {...} (added by `kvtrace build`),
+   "graphs": {"gpu": {"onnx": "model.gpu.onnx", "attend": "full"|"all", "attention_precision": "native",
+                      "for": ["tensorrt", "onnxruntime-cuda"], ...the "graph" fields}} (other forms of the
+             graph beside model.onnx, sharing its weights; every export since the GPU form writes
+             graphs.gpu, the graph TensorRT builds from: docs/gpu.md, docs/tensorrt.md),
+   "validation": {...} (what the exporter checked),
+   "tensorrt": {"flavour", "version", "engine", "engine_sha256", "onnx", "profiles", "limits", ...}
+             (added by `kvtrace build`; an engine built elsewhere and recorded by `kvtrace build
+             --import` also has "imported": {"from", "checked", "not_checked", "profiles"}),
    "files": {name: {"bytes", "sha256"}} for every file of the artifact (format_version 1 artifacts
             written before this entry existed lack it)}
 """

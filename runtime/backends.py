@@ -246,7 +246,7 @@ class OrtBackend:
     Options:
       threads: intra-op threads (None: onnxruntime's default); optimization: "all"|"basic"|"none".
       graph: "auto" | "cpu" | "gpu": which form of the graph to load; auto: the GPU form
-        (model.gpu.onnx, `kvtrace export --target gpu`) on CUDA when the artifact has it, else model.onnx.
+        (model.gpu.onnx, written by every `kvtrace export`) on CUDA when the artifact has it, else model.onnx.
       cuda_graph: None (auto: on for CUDA with a graph whose shapes do not depend on input values,
         i.e. the GPU form) | True (required: error where impossible) | False (off). Decode steps
         (run_graph) are then captured once per batch size and replayed (onnxruntime's
@@ -286,11 +286,12 @@ class OrtBackend:
             raise KvtraceError("cuda_graph=True needs the onnxruntime-cuda backend")
         if cuda_graph and not capturable:
             raise KvtraceError(f"CUDA graphs need the GPU form of the graph (static cache, attention over the whole "
-                               f"cache); {onnx_file.name} has attend={attend!r}: export with --target gpu")
+                               f"cache); {onnx_file.name} has attend={attend!r}: use the GPU form (graph='gpu'; artifacts "
+                               f"exported before it existed: export again)")
         capture = device == "cuda" and capturable and cuda_graph is not False
         if device == "cuda" and cuda_graph is None and not capturable:
             self.notes.append(f"CUDA graphs off: {onnx_file.name} has shapes that depend on input values "
-                              f"(attend={attend!r}); export with --target gpu for the GPU form")
+                              f"(attend={attend!r}); the GPU form (model.gpu.onnx) has none")
 
         def options():
             so = ort.SessionOptions()
@@ -388,7 +389,7 @@ class OrtBackend:
         cpu = where["cpu"]
         listed = ", ".join(cpu[:8]) + (f" and {len(cpu) - 8} more" if len(cpu) > 8 else "")
         if not allow_cpu_nodes:
-            hint = ("; export with --target gpu: the GPU form has no shapes computed from input values"
+            hint = ("; use the GPU form (graph='gpu', model.gpu.onnx): it has no shapes computed from input values"
                     if self.graph_form == "cpu" else "")
             raise KvtraceError(f"onnxruntime-cuda would run {len(cpu)} node(s) of {onnx_file.name} on the CPU, with "
                                f"device<->host copies every step: {listed}{hint}; pass --allow-cpu-nodes to run anyway")
@@ -587,7 +588,7 @@ def _graph_file(artifact_dir: Path, manifest, graph: str, device: str) -> tuple[
         entry = forms.get("gpu")
         if not entry:
             raise KvtraceError(f"artifact {artifact_dir} has no GPU form of the graph (graphs.gpu in its manifest): "
-                               "export it with --target gpu")
+                               "export it again: every export now writes model.gpu.onnx")
         path, attend = artifact_dir / entry["onnx"], entry.get("attend")
     else:
         path = artifact_dir / _manifest_get(manifest, "onnx", "model.onnx")

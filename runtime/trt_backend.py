@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import trt_engine
 from .backends import NUMPY_STORAGE, register_backend, version_tuple
 # gpu_compute_capability: re-exported for `kvtrace build` (exporter/trt.py) and the tests
 from .cuda_driver import CudaDriver, DeviceBuffer, HostBuffer, gpu_compute_capability  # noqa: F401
@@ -36,13 +37,25 @@ from kvtrace.errors import KvtraceError
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 # IAttention / IKVCacheUpdateLayer / IRotaryEmbeddingLayer and their ONNX importers
 MIN_TENSORRT = (10, 15)
+# the portable (--opset 17) graphs need none of them: TensorRT 10 (JetPack 6 ships 10.3) builds
+# and runs them (strongly typed networks, execute_async_v3); docs/tensorrt.md
+MIN_TENSORRT_PORTABLE = (10, 0)
 INSTALL_HINT = ("install one of: `pip install 'tensorrt>=10.15'` (TensorRT, module tensorrt) or "
                 "`pip install tensorrt-rtx-cu13` (TensorRT-RTX, module tensorrt_rtx)")
 COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 
 
-def import_tensorrt(flavour: str | None = None):
-    """(module, flavour) of the installed TensorRT; `flavour` forces one module name."""
+def min_tensorrt(manifest) -> tuple[int, int]:
+    """The oldest full TensorRT that builds and runs an artifact's TensorRT graph: 10.15 for the
+    fused layers, 10.0 for the portable (unfused attention) graphs."""
+    forms = _get(manifest, "graphs") or {}
+    graph = forms.get("gpu") or _get(manifest, "graph") or {}
+    return MIN_TENSORRT_PORTABLE if graph.get("attention") == "unfused" else MIN_TENSORRT
+
+
+def import_tensorrt(flavour: str | None = None, minimum: tuple[int, int] = MIN_TENSORRT):
+    """(module, flavour) of the installed TensorRT; `flavour` forces one module name; the full
+    TensorRT must be at least `minimum` (min_tensorrt of the artifact)."""
     names = FLAVOURS if flavour is None else (flavour,)
     if flavour is not None and flavour not in FLAVOURS:
         raise KvtraceError(f"TensorRT flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
@@ -53,8 +66,10 @@ def import_tensorrt(flavour: str | None = None):
         except ImportError as e:  # also a broken install (missing shared libraries)
             errors.append(f"{name}: {e}")
             continue
-        if name == "tensorrt" and version_tuple(mod.__version__) < MIN_TENSORRT:
-            errors.append(f"tensorrt {mod.__version__} is older than 10.15 (no fused attention layers)")
+        if name == "tensorrt" and version_tuple(mod.__version__) < tuple(minimum):
+            why = ("no fused attention layers; the portable --opset 17 artifacts build with TensorRT 10"
+                   if tuple(minimum) == MIN_TENSORRT else "too old")
+            errors.append(f"tensorrt {mod.__version__} is older than {'.'.join(map(str, minimum))} ({why})")
             continue
         return mod, name
     raise KvtraceError("TensorRT is not installed (" + "; ".join(errors) + "): " + INSTALL_HINT)
@@ -78,18 +93,23 @@ def cc_of(major: int, minor: int) -> str:
 
 
 class TrtLogger:
-    """A TensorRT logger that keeps errors (for our messages) and prints at `print_level`."""
+    """A TensorRT logger that keeps errors (for our messages) and prints at `print_level`; it also
+    keeps the builder's per-layer report (`layer_info`: the text after "Layers:", logged at the end
+    of a build with DETAILED profiling verbosity; exporter/trt.py reads the kernels from it)."""
 
     def __new__(cls, trt, print_level: str = "ERROR"):
         class _Logger(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
                 self.errors: list[str] = []
+                self.layer_info: str | None = None
                 self.print_at = getattr(trt.ILogger.Severity, print_level)
 
             def log(self, severity, msg):
                 if severity <= trt.ILogger.Severity.ERROR:
                     self.errors.append(str(msg))
+                elif str(msg).startswith("Layers:"):
+                    self.layer_info = str(msg)
                 if severity <= self.print_at:
                     print(f"[TensorRT] {msg}", flush=True)
 
@@ -129,11 +149,10 @@ def fit_profile(section: dict, shapes: dict[str, tuple[int, ...]]) -> int:
 
 # ------------------------------------------------------------------ the backend
 def _trt_dtype_name(trt, dt) -> str:
-    table = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16",
-             trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.BOOL: "bool"}
-    if dt not in table:
+    name = trt_engine.dtype_name(trt, dt)
+    if name is None:
         raise KvtraceError(f"engine tensor type {dt} is not supported by the tensorrt backend")
-    return table[dt]
+    return name
 
 
 def _get(manifest, key, default=None):
@@ -145,10 +164,20 @@ def _get(manifest, key, default=None):
     return getattr(manifest, key, default)
 
 
+def same_version(built: str | None, installed: str) -> bool:
+    """An engine's recorded TensorRT version against the installed one. An imported engine's
+    version may come from its header (TensorRT-RTX: major.minor.patch only): then those three
+    parts are compared."""
+    if built is None:  # not known (an engine imported without a GPU): TensorRT checks it when loading
+        return True
+    parts = built.split(".")
+    return built == installed or (len(parts) == 3 and installed.split(".")[:3] == parts)
+
+
 def check_engine_compatible(section: dict, *, flavour: str, version: str, device_cc: str | None) -> None:
     """Refuse an engine built by another TensorRT or for another GPU, before deserializing it."""
     built_flavour, built_version = section.get("flavour"), section.get("version")
-    if built_flavour != flavour or built_version != version:
+    if built_flavour != flavour or not same_version(built_version, version):
         raise KvtraceError(
             f"the engine was built with {built_flavour} {built_version}, but {flavour} {version} is installed; "
             f"TensorRT engines only run on the version that built them: rebuild with `kvtrace build ARTIFACT`")
@@ -208,7 +237,7 @@ class TrtBackend:
         if not engine_file.is_file():
             raise KvtraceError(f"engine file {engine_file} not found (named by the manifest of {artifact_dir}): "
                                f"run `kvtrace build {artifact_dir}`")
-        trt, flavour = import_tensorrt(section.get("flavour"))
+        trt, flavour = import_tensorrt(section.get("flavour"), min_tensorrt(manifest))
         # the GPU first: without one nothing below can work, and that is the clearest message
         try:
             self.cuda = CudaDriver(device_index)
@@ -249,6 +278,14 @@ class TrtBackend:
         self.engine = self._runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise KvtraceError(f"TensorRT cannot load {engine_file}: " + " | ".join(self._logger.errors[-3:]))
+        # the engine against the artifact's I/O contract and the recorded profiles, before any run
+        # (an engine built outside kvtrace and imported without a GPU is fully checked here first)
+        problems, _ = trt_engine.check_bindings(trt, self.engine, _get(manifest, "io") or {},
+                                                self.section.get("profiles"))
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise KvtraceError(f"engine {engine_file} does not match the artifact: {problems[0]}{more}; build it "
+                               f"again (`kvtrace build`, or `kvtrace build ARTIFACT --print-trtexec`) and import it")
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise KvtraceError(f"TensorRT cannot create an execution context for {engine_file}: "
@@ -263,14 +300,9 @@ class TrtBackend:
                 self.outputs[n] = dt
         # KV_CACHE_UPDATE: each static cache output is its input's memory, updated in place
         # (the I/O contract names the pairs; the engine confirms where its API can say so)
+        # (check_bindings confirmed the pairs where the engine's API reports them)
         io = _get(manifest, "io") or {}
         self.aliases = {out: src for out, src in (io.get("cache_aliases") or {}).items() if out in self.outputs}
-        if hasattr(self.engine, "get_aliased_input_tensor"):
-            for out, src in self.aliases.items():
-                got = self.engine.get_aliased_input_tensor(out)
-                if got and got != src:
-                    raise KvtraceError(f"engine {engine_file}: output {out!r} updates input {got!r} in place, "
-                                       f"but the manifest pairs it with {src!r}; rebuild the engine")
 
     # --------------------------------------------------------------- memory
     def _new(self, shape, dtype: str, capacity: int | None = None) -> DeviceBuffer:

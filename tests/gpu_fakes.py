@@ -171,8 +171,19 @@ def fake_tensorrt(onnx_file: Path, stub: StubCuda, *, version: str = "10.15.1", 
         def __del__(self):
             stub.note("trt.context.destroyed")
 
+    shapes = {t.name: [d if isinstance(d, int) else -1 for d in t.shape]
+              for t in list(sess.get_inputs()) + list(sess.get_outputs())}
+
     class Engine:
+        """Built with the profiles the artifact's manifest records (as `kvtrace build` builds)."""
         num_io_tensors = len(io)
+
+        def __init__(self):
+            import json
+
+            manifest = json.loads((Path(onnx_file).parent / "kvtrace.json").read_text())
+            self.profiles = manifest["tensorrt"]["profiles"]
+            self.num_optimization_profiles = len(self.profiles)
 
         def get_tensor_name(self, i):
             return list(io)[i]
@@ -182,6 +193,13 @@ def fake_tensorrt(onnx_file: Path, stub: StubCuda, *, version: str = "10.15.1", 
 
         def get_tensor_mode(self, name):
             return io[name][0]
+
+        def get_tensor_shape(self, name):
+            return shapes[name]
+
+        def get_tensor_profile_shape(self, name, idx):
+            r = self.profiles[idx]["inputs"][name]
+            return r["min"], r["opt"], r["max"]
 
         def get_aliased_input_tensor(self, name):
             return aliases.get(name)

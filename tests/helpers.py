@@ -33,14 +33,16 @@ class Result:
         return parity.one_line(self.report)
 
 
-def replay_against(artifact: Path, model, *, prompts, steps: int, backend: str = "onnxruntime") -> Result:
+def replay_against(artifact: Path, model, *, prompts, steps: int, backend: str = "onnxruntime",
+                   graph: str = "auto") -> Result:
     """The artifact (through kvtrace.runtime.Model) against `model` (our torch model, fp32, one
-    row at a time) on a ragged batch of `prompts` and `steps` decode steps."""
+    row at a time) on a ragged batch of `prompts` and `steps` decode steps; graph: the form of
+    the graph to run ("cpu" model.onnx, "gpu" model.gpu.onnx; auto: model.onnx on the CPU)."""
     from kvtrace.exporter.references import TorchReference
     from kvtrace.runtime.model import Model
 
     trace = parity.record(TorchReference(model, {"kind": "test"}), prompts, steps)
-    m = Model.load(artifact, backend=backend, threads=1)
+    m = Model.load(artifact, backend=backend, threads=1, graph=graph)
     try:
         return Result(parity.replay(m, trace))
     finally:

@@ -139,15 +139,21 @@ def test_manifest_contents(tmp_path):
     cfg = loaded.config
     assert data["format_version"] == io_spec.FORMAT_VERSION
     assert data["architecture"] == "llama" and data["config"] == cfg.to_dict()
-    assert data["opset"] == 24 and data["onnx"] == "model.onnx" and data["external_data"] is None
+    assert data["opset"] == 24 and data["onnx"] == "model.onnx" and data["external_data"] == "model.onnx.data"
     assert data["io"] == io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                        vocab_size=cfg.vocab_size, dtype="float16", layout="static", max_seq=32,
                                        max_batch=4)
     assert data["tokenizer"] == {"type": "builtin-bytes"}
     assert data["generation"] == {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                                   "pad_token_id": cfg.pad_token_id}
-    assert data["graph"] == {"attention": "fused", "rotary": "fused", "cache_update": "TensorScatter", "attend": "used"}
-    assert sorted(p.name for p in out.iterdir()) == ["kvtrace.json", "model.onnx"]
+    assert data["graph"] == {"attention": "fused", "rotary": "fused", "cache_update": "TensorScatter", "attend": "used",
+                             "attention_precision": "float32"}
+    # the GPU form: the graph TensorRT builds from (and onnxruntime-cuda runs), sharing the weights
+    assert data["graphs"] == {"gpu": {"onnx": "model.gpu.onnx", "attention": "fused", "rotary": "fused",
+                                      "cache_update": "TensorScatter", "attend": "full",
+                                      "attention_precision": "native", "for": ["tensorrt", "onnxruntime-cuda"]}}
+    assert sorted(p.name for p in out.iterdir()) == ["kvtrace.json", "model.gpu.onnx", "model.onnx",
+                                                     "model.onnx.data"]
     assert not [p for p in tmp_path.iterdir() if p.name != "art"], "temporary files left beside the artifact"
 
 

@@ -71,7 +71,7 @@ def test_existing_out_needs_force_and_force_replaces_only_artifacts(tmp_path, ca
     assert _run(capsys, "--arch", "xglm", "--out", str(art), "--max-seq", "32")[0] == 0
     rc, err = _run(capsys, "--arch", "xglm", "--out", str(art), "--max-seq", "16", "--force")
     assert rc == 0, err
-    assert _entries(art) == ["kvtrace.json", "model.onnx"]
+    assert _entries(art) == ["kvtrace.json", "model.gpu.onnx", "model.onnx", "model.onnx.data"]
     assert json.loads((art / "kvtrace.json").read_text())["io"]["max_seq"] == 16
     # an artifact in which the user left a file of their own is not replaced either
     (art / "notes.md").write_text("mine")

@@ -57,6 +57,8 @@ def test_fused_operators(arch, layout):
     assert ops["Expand"] == ops["Tile"] == 0  # GQA stays GQA: no repetition of K/V heads
     graph_inputs = {i.name for i in g.graph.input}
     graph_outputs = {o.name for o in g.graph.output}
+    producer = {o: n for n in g.graph.node for o in n.output}
+    consumers = Counter(i for n in g.graph.node for i in n.input)
     for n in g.graph.node:
         if n.op_type == "Attention":
             # the form TensorRT accepts: 4 inputs (Q, K, V, bool mask), one output, no softcap
@@ -64,9 +66,16 @@ def test_fused_operators(arch, layout):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             assert "softcap" not in attrs and "is_causal" not in attrs
             assert math.isclose(attrs["scale"], 1 / math.sqrt(cfg.head_dim), rel_tol=1e-6)
-            assert attrs.get("softmax_precision") == onnx.TensorProto.FLOAT  # fp16: softmax in fp32
-            if layout == "dynamic":
-                assert n.input[1] in graph_outputs and n.input[2] in graph_outputs  # K/V = the whole cache
+            # no softmax_precision: the TensorRT parser rejects it and onnxruntime's CPU kernel ignores it
+            assert "softmax_precision" not in attrs
+            # fp16 CPU form: attention in fp32 (Q, K, V cast up, the output cast back to fp16)
+            casts = [producer[t] for t in n.input[:3]]
+            assert all(c.op_type == "Cast" and c.attribute[0].i == onnx.TensorProto.FLOAT for c in casts)
+            after = [m for m in g.graph.node if n.output[0] in m.input]
+            assert len(after) == 1 and consumers[n.output[0]] == 1
+            assert after[0].op_type == "Cast" and after[0].attribute[0].i == onnx.TensorProto.FLOAT16
+            if layout == "dynamic":  # K/V = the whole cache
+                assert casts[1].input[0] in graph_outputs and casts[2].input[0] in graph_outputs
             # static: K/V = Slice of the cache in use (test_static_attention_reads_used_slots)
         if n.op_type == "TensorScatter":
             # TensorRT: input 0 must be the cache graph input, the output a graph output
@@ -152,10 +161,13 @@ def test_static_max_seq_512_matches_reference(arch, tmp_path):
     assert res.finite and res.max_abs <= 1e-4 and res.top1 == 1.0
 
 
-def test_fp32_attention_has_no_softmax_precision():
-    attn = [n for n in _graph("llama", "float32").graph.node if n.op_type == "Attention"]
+def test_fp32_attention_is_not_cast():
+    g = _graph("llama", "float32")
+    producer = {o: n for n in g.graph.node for o in n.output}
+    attn = [n for n in g.graph.node if n.op_type == "Attention"]
     assert len(attn) == configs.BUILTIN["llama"].n_layers
     assert all("softmax_precision" not in {a.name for a in n.attribute} for n in attn)
+    assert not any(producer[t].op_type == "Cast" for n in attn for t in n.input[:3])  # fp32 already
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -173,18 +185,21 @@ def test_weights_stored_in_export_dtype(arch, dtype):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_file_size_is_parameter_bytes(arch, tmp_path):
-    """Weights are written once: the file is within 1% of the parameter bytes plus the rotary
-    tables (derived buffers, not parameters); a duplicated tied head would add V*D*2 bytes.
+    """Weights are written once, for both graph forms: model.onnx.data is within 1% of the
+    parameter bytes plus the rotary tables (derived buffers, not parameters; plus the 64-byte
+    alignment), a duplicated tied head would add V*D*2 bytes; the two graph files hold no weights.
     Width 256 so that the graph's own few kB (nodes, names) are small against the weights."""
     cfg = configs.BUILTIN[arch].replace(hidden_size=256, head_dim=64, intermediate_size=512)
     m = random_model(cfg, 3)
     out = export_model(m, tmp_path / "a", dtype="float16", layout="static", max_seq=MAX_SEQ, validate=False,
                        log=lambda s: None)
-    size = (out / io_spec.ONNX_NAME).stat().st_size
+    size = (out / "model.onnx.data").stat().st_size
     tables = 2 * MAX_SEQ * (cfg.rotary_dim // 2) * 2 if cfg.positions == "rope" else 0
     expect = cfg.n_params() * 2 + tables
-    print(f"{arch}: file {size} bytes, parameters {cfg.n_params() * 2} + tables {tables}")
+    graphs = [(out / n).stat().st_size for n in (io_spec.ONNX_NAME, "model.gpu.onnx")]
+    print(f"{arch}: weights {size} bytes, parameters {cfg.n_params() * 2} + tables {tables}; graphs {graphs}")
     assert abs(size - expect) <= 0.01 * cfg.n_params() * 2
+    assert max(graphs) < 0.01 * cfg.n_params() * 2
     if cfg.tie_word_embeddings:
         head_sized = [t for t in onnx.load(out / io_spec.ONNX_NAME).graph.initializer
                       if tuple(t.dims) in ((cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size, cfg.vocab_size))]
@@ -192,24 +207,30 @@ def test_file_size_is_parameter_bytes(arch, tmp_path):
 
 
 def test_streamed_file_equals_protobuf_serialization(tmp_path):
-    """The hand-written protobuf stream parses to the same model as onnx's own serialization."""
+    """The hand-written protobuf stream (embedded weights: the bf16 validation twin uses it)
+    parses to the same model as onnx's own serialization; so does the external-data file."""
+    from kvtrace.exporter.export import write_onnx
+
     m = _builtin("starcoder2")
+    graph, inits, _ = onnx_graph.build(m.cfg, _weights(m), dtype="float32", layout="static", max_seq=MAX_SEQ)
+    write_onnx(graph, inits, tmp_path / io_spec.ONNX_NAME, external=False)
     out = export_model(m, tmp_path / "a", dtype="float32", layout="static", max_seq=MAX_SEQ, validate=False,
                        log=lambda s: None)
-    loaded = onnx.load(out / io_spec.ONNX_NAME)
-    onnx.checker.check_model(str(out / io_spec.ONNX_NAME), full_check=True)
-    ref = _graph("starcoder2", "float32")
-    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in loaded.graph.initializer} == \
-        {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in ref.graph.initializer}
-    del loaded.graph.initializer[:]
-    del ref.graph.initializer[:]
-    assert loaded.SerializeToString() == ref.SerializeToString()  # everything but the weights
+    for f in (tmp_path / io_spec.ONNX_NAME, out / io_spec.ONNX_NAME):
+        onnx.checker.check_model(str(f), full_check=True)
+        loaded = onnx.load(f)
+        ref = _graph("starcoder2", "float32")
+        assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in loaded.graph.initializer} == \
+            {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in ref.graph.initializer}
+        del loaded.graph.initializer[:]
+        del ref.graph.initializer[:]
+        assert loaded.SerializeToString() == ref.SerializeToString()  # everything but the weights
 
 
 def test_external_data(tmp_path):
+    """Weights always go to model.onnx.data (shared by both graph forms); the validation runs on it."""
     m = _builtin("gpt_neox")
-    out = export_model(m, tmp_path / "a", dtype="float32", layout="static", max_seq=MAX_SEQ, external_data=True,
-                       log=lambda s: None)
+    out = export_model(m, tmp_path / "a", dtype="float32", layout="static", max_seq=MAX_SEQ, log=lambda s: None)
     assert (out / "model.onnx.data").stat().st_size >= m.cfg.n_params() * 4
     assert (out / "model.onnx").stat().st_size < 100_000
     onnx.checker.check_model(str(out / "model.onnx"))
@@ -241,22 +262,32 @@ def test_portable_opset17_fp16_runs(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "xglm"])
 def test_fp16_attention_scores_beyond_fp16_range_stay_finite(arch, tmp_path):
-    """Scale the Q/K projections so that raw attention scores reach ~1e5 (> fp16's 65504):
-    the fp16 graph must still give finite logits that agree with the fp32 reference."""
+    """Scale the Q/K projections so that the attention scores *after* the 1/sqrt(head_dim) scale
+    exceed fp16's 65504 (GPT-NeoX and XGLM checkpoints get there): model.onnx (attention in fp32
+    for onnxruntime's CPU kernel) must give finite logits with the fp32 reference's top-1.
+    The GPU form of the same artifact (fp16 Attention, what TensorRT builds from) is run on the
+    CPU too: onnxruntime's fp16 Attention overflows there, which shows that the check can fail."""
     m = random_model(configs.BUILTIN[arch], 7)
+    cfg = m.cfg
     with torch.no_grad():
         for layer in m.layers:
-            layer.attn.q.weight.mul_(600)
-            layer.attn.k.weight.mul_(600)
-        x = m.layers[0].norm1(m.embed(torch.arange(8)[None]))
-        q = m.layers[0].attn.q(x).view(8, 4, 16)
-        k = m.layers[0].attn.k(x).view(8, 4, 16)
-        assert torch.einsum("thd,shd->hts", q, k).abs().max() > 65504  # the test provokes the overflow
-    res = helpers.export_and_compare(m, tmp_path, dtype="float16", layout="static", max_seq=MAX_SEQ,
-                                     prompts=helpers.prompts(m.cfg), steps=4)
-    print(f"{arch} fp16 with huge scores: {res.summary()}")
+            layer.attn.q.weight.mul_(1500)
+            layer.attn.k.weight.mul_(1500)
+        x = m.layers[0].norm1(m.embed(torch.arange(12)[None]))
+        q = m.layers[0].attn.q(x).view(12, cfg.n_heads, cfg.head_dim)
+        k = m.layers[0].attn.k(x).view(12, cfg.n_kv_heads, cfg.head_dim)
+        scaled = torch.einsum("thd,shd->hts", q, k).abs().max() / math.sqrt(cfg.head_dim)
+    print(f"{arch}: largest scaled score {float(scaled):.0f}")
+    assert scaled > 2 * 65504  # the test provokes the overflow
+    art = helpers.export(m, tmp_path / "a", dtype="float16", layout="static", max_seq=MAX_SEQ)
+    ps = helpers.prompts(cfg, [12, 7])
+    res = helpers.replay_against(art, m, prompts=ps, steps=4, graph="cpu")
+    print(f"{arch} fp16 model.onnx with huge scores: {res.summary()}")
     assert res.finite
     assert res.top1 >= 0.99
+    native = helpers.replay_against(art, m, prompts=ps, steps=4, graph="gpu")
+    print(f"{arch} fp16 model.gpu.onnx on onnxruntime CPU: {native.summary()}")
+    assert not native.finite
 
 
 @pytest.mark.parametrize("rope", [

@@ -37,7 +37,7 @@ def gpu_art(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("gpu") / "art"
     return export_model(random_model(configs.BUILTIN["llama"], 7), out, max_seq=32, max_batch=4, validate=False,
-                        tokenizer="builtin-bytes", target="gpu", log=lambda m: None)
+                        tokenizer="builtin-bytes", log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def _trt(monkeypatch, stub, art, **kw):
     data = load_manifest(art).data
     onnx_file = art / ((data.get("graphs") or {}).get("gpu", {}).get("onnx") or "model.onnx")
     trt, calls = gpu_fakes.fake_tensorrt(onnx_file, stub, aliases=data["io"]["cache_aliases"], **kw)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda flavour=None: (trt, "tensorrt"))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda flavour=None, minimum=None: (trt, "tensorrt"))
     return calls
 
 
@@ -415,7 +415,7 @@ def test_ort_cuda_cpu_nodes_refused_or_allowed(gpu_art, fake_ort):
     assert len(m.backend.placement["cpu"]) == 3
     m.close()
     # the CPU form computes shapes from position_ids: the message points to the GPU form
-    with pytest.raises(KvtraceError, match="--target gpu"):
+    with pytest.raises(KvtraceError, match="use the GPU form"):
         Model.load(gpu_art, backend="onnxruntime-cuda", graph="cpu")
 
 

@@ -209,7 +209,8 @@ def test_commit_engine_all_or_nothing(art, tmp_path, monkeypatch):
             assert state(d) == before, (had_engine, fail_at)
     trt.commit_engine(d, b"new engine", new)
     assert (d / trt.ENGINE_NAME).read_bytes() == b"new engine" and load_manifest(d)["tensorrt"]
-    assert sorted(p.name for p in d.iterdir()) == ["kvtrace.json", "model.engine", "model.onnx"]
+    assert sorted(p.name for p in d.iterdir()) == ["kvtrace.json", "model.engine", "model.gpu.onnx", "model.onnx",
+                                                   "model.onnx.data"]
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt_rtx is not importable (pip install tensorrt-rtx-cu13)")
@@ -222,19 +223,21 @@ def test_build_checks_first_and_records_the_engine_digest(art, tmp_path, capsys)
     rc, _, err = run(capsys, *base, "--timing-cache", tmp_path)
     assert rc == 2 and "is a directory" in err
     assert state(d) == before
-    # a truncated model.onnx: refused by its recorded size before TensorRT parses anything
+    # a truncated graph (model.gpu.onnx, what TensorRT builds from): refused by its recorded size
+    # before TensorRT parses anything
     t = Path(shutil.copytree(art, tmp_path / "t"))
-    blob = (t / "model.onnx").read_bytes()
-    (t / "model.onnx").write_bytes(blob[: len(blob) // 2])
+    blob = (t / "model.gpu.onnx").read_bytes()
+    (t / "model.gpu.onnx").write_bytes(blob[: len(blob) // 2])
     tb = state(t)
     rc, _, err = run(capsys, "build", t, "--compute-capability", "sm89")
-    assert rc == 2 and "model.onnx" in err and "truncated" in err and state(t) == tb
+    assert rc == 2 and "model.gpu.onnx" in err and "truncated" in err and state(t) == tb
     # ... and without the digests (an older artifact): a one-line error naming the file
     data = json.loads((t / io_spec.MANIFEST_NAME).read_text())
     data.pop("files")
     (t / io_spec.MANIFEST_NAME).write_text(json.dumps(data))
+    tb = state(t)
     rc, _, err = run(capsys, "build", t, "--compute-capability", "sm89")
-    assert rc == 2 and "not a readable ONNX model" in err
+    assert rc == 2 and "model.gpu.onnx" in err and err.count("\n") == 1 and state(t) == tb
     # a successful build records the engine's bytes and sha256 with the other files
     rc, _, err = run(capsys, *base, "--timing-cache", tmp_path / "tc.bin")
     assert rc == 0, err
@@ -697,9 +700,12 @@ def test_a_row_no_prompt_reads_is_still_checked(tmp_path, capsys, monkeypatch):
 
     def corrupting_write(cfg_, weights, tmp, spec, log, model=None):
         out = real_write(cfg_, weights, tmp, spec, log, model)
-        path = tmp / io_spec.ONNX_NAME
-        with open(path, "rb") as f:
-            start, _ = checks.embedded_raw_data(f.read())["embed.weight"]
+        import onnx
+
+        g = onnx.load(str(tmp / io_spec.ONNX_NAME), load_external_data=False)
+        emb = next(t for t in g.graph.initializer if t.name == "embed.weight")
+        kv = {e.key: e.value for e in emb.external_data}
+        path, start = tmp / kv["location"], int(kv["offset"])
         b = bytearray(path.read_bytes())
         b[start + unseen * cfg.hidden_size * 4 + 2] ^= 0x40  # one float of row `unseen`
         path.write_bytes(bytes(b))

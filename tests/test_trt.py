@@ -106,9 +106,8 @@ def test_dynamic_cache_engine_builds(tmp_path, capsys, arch):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A built fp16 gpt_neox static artifact (external weights, default optimization level)."""
-    art = _export(_model("builtin", "gpt_neox", "float16"), tmp_path_factory.mktemp("t") / "neox", "float16",
-                  external_data=True)
+    """A built fp16 gpt_neox static artifact (default optimization level)."""
+    art = _export(_model("builtin", "gpt_neox", "float16"), tmp_path_factory.mktemp("t") / "neox", "float16")
     assert load_manifest(art).data["external_data"]
     assert cli.main(["build", str(art), "--compute-capability", "sm89", "sm120", "--max-batch", "2",
                      "--max-seq", "32", "--opt-seq", "8"]) == 0
@@ -127,7 +126,9 @@ def test_build_records_profiles_and_limits(built):
     assert pre["inputs"]["logits_index"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 32]}
     # a static cache keeps its exported length MAX_SEQ in every profile
     assert pre["inputs"]["past_key_values.0.key"]["max"][2] == MAX_SEQ
-    assert sec["stripped_attributes"] == {"softmax_precision": 2}  # fp16 neox asks fp32 softmax (ORT)
+    # built from the GPU form, parsed from the file as it is (nothing stripped in memory)
+    assert sec["onnx"] == "model.gpu.onnx" and sec["stripped_attributes"] == {}
+    assert sec["attention_kernels"] == [{"_gemv_mha_v1": 2}, {"_gemm_mha_v2": 2}]  # one fused kernel per layer
     import hashlib
     assert hashlib.sha256((built / sec["engine"]).read_bytes()).hexdigest() == sec["engine_sha256"]
 
@@ -352,8 +353,17 @@ def _fake_trt(onnx_file: Path, cuda: _FakeCuda, version: str, aliases: dict[str,
             self.result = None
             return True
 
+    shapes = {t.name: [d if isinstance(d, int) else -1 for d in t.shape]
+              for t in list(sess.get_inputs()) + list(sess.get_outputs())}
+
     class Engine:
+        """Built with the profiles the artifact's manifest records (as `kvtrace build` builds)."""
         num_io_tensors = len(io)
+
+        def __init__(self):
+            manifest = json.loads((Path(onnx_file).parent / "kvtrace.json").read_text())
+            self.profiles = manifest["tensorrt"]["profiles"]
+            self.num_optimization_profiles = len(self.profiles)
 
         def get_tensor_name(self, i):
             return list(io)[i]
@@ -363,6 +373,13 @@ def _fake_trt(onnx_file: Path, cuda: _FakeCuda, version: str, aliases: dict[str,
 
         def get_tensor_mode(self, name):
             return io[name][0]
+
+        def get_tensor_shape(self, name):
+            return shapes[name]
+
+        def get_tensor_profile_shape(self, name, idx):
+            r = self.profiles[idx]["inputs"][name]
+            return r["min"], r["opt"], r["max"]
 
         def get_aliased_input_tensor(self, name):
             return aliases.get(name)
@@ -391,7 +408,7 @@ def test_backend_data_flow_emulated(tmp_path, capsys, monkeypatch, layout):
     cuda = _FakeCuda()
     data = load_manifest(art).data
     trt, calls = _fake_trt(art / "model.onnx", cuda, data["tensorrt"]["version"], data["io"]["cache_aliases"])
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda flavour=None: (trt, "tensorrt_rtx"))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda flavour=None, minimum=None: (trt, "tensorrt_rtx"))
     monkeypatch.setattr(trt_backend, "CudaDriver", lambda device=0: cuda)
     prompts = [[0, 5, 9, 33, 70, 2], [0, 11]]
     ref = Model.load(art, backend="onnxruntime")
