@@ -25,3 +25,8 @@ class NonFiniteLogits(KvtraceError):
 
     exit_code = 1
     label = "error"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt so that the same
+    cleanup runs (an export removes its staging directory). Exit status 143."""
