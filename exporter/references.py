@@ -181,6 +181,18 @@ def _checkpoint_path(manifest: dict, checkpoint: str | None) -> Path:
     return path
 
 
+def _trim_heap() -> None:
+    import gc
+
+    gc.collect()
+    try:  # glibc keeps freed heap pages mapped unless asked
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Past:
     """The dynamic cache's bookkeeping that Transformer.context reads (layout, length, key
     positions), without tensors: P tokens of one row already cached, none padding."""
@@ -235,7 +247,9 @@ class LayerStreamedReference:
         from kvtrace.exporter.verify import torch_threads
 
         with torch_threads(1):
-            return self._run(prompts, continuation, depths)
+            traces = self._run(prompts, continuation, depths)
+        _trim_heap()  # the blocks' fp32 copies are gone: hand their pages back before onnxruntime loads
+        return traces
 
     def _run(self, prompts, continuation, depths):
         import torch

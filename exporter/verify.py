@@ -12,10 +12,11 @@ each then cast to the graph dtype (round to nearest even; no cast when the dtype
 
 The expected tensor is made here with torch operations on the checkpoint's own arrays, not by
 the graph builder's numpy code (exporter/onnx_graph.py), and compared bit for bit with the bytes
-read back from the file at the offset the writer recorded: byte-exact when the dtype is kept,
-equal to torch's exact cast otherwise. The check runs inside the writing pass, right after each
-tensor is written, while its pages are still in memory (no second read of the checkpoint or of
-the artifact); `check_table` then confirms that model.onnx's external-data entries point where
+read back from the file (a read-only mapping of that range: no copy) at the offset the writer
+recorded: byte-exact when the dtype is kept, equal to torch's exact cast otherwise. The check
+runs inside the writing pass (on the writer's job thread), right after each tensor is written,
+while its pages are still in the page cache (no second read of the checkpoint or of the
+artifact from disk); `check_table` then confirms that model.onnx's external-data entries point where
 the bytes were checked.
 """
 from __future__ import annotations

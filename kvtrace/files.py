@@ -99,7 +99,8 @@ def rss_mb() -> dict[str, float]:
 def available_memory() -> tuple[int | None, str]:
     """(bytes this process may still use, where the figure comes from): /proc/meminfo's
     MemAvailable, or, when this process is in a memory cgroup with a lower limit, that limit
-    minus the cgroup's usage plus its reclaimable page cache (inactive files). None when unknown."""
+    minus the cgroup's usage plus its page cache (file pages, which the kernel reclaims at the
+    limit, as MemAvailable counts them). None when unknown."""
     best, why = None, "unknown"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -107,17 +108,17 @@ def available_memory() -> tuple[int | None, str]:
                 best, why = int(line.split()[1]) * 1024, "MemAvailable"
     except OSError:
         pass
-    for limit, usage, inactive, where in _cgroup_memory():
+    for limit, usage, cache, where in _cgroup_memory():
         if limit is None:
             continue
-        free = max(0, limit - usage + inactive)
+        free = max(0, min(limit, limit - usage + cache))
         if best is None or free < best:
             best, why = free, f"cgroup limit {limit / 2**30:.1f} GiB ({where})"
     return best, why
 
 
 def _cgroup_memory():
-    """(limit, usage, inactive file bytes, path) of this process's memory cgroup(s), v2 and v1."""
+    """(limit, usage, file page bytes, path) of this process's memory cgroup(s), v2 and v1."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -126,24 +127,24 @@ def _cgroup_memory():
         _, controllers, rel = line.split(":", 2)
         if controllers == "":  # v2 unified hierarchy
             d = Path("/sys/fs/cgroup") / rel.lstrip("/")
-            names = ("memory.max", "memory.current", "inactive_file")
+            names = ("memory.max", "memory.current", ("active_file", "inactive_file"))
         elif "memory" in controllers.split(","):
             d = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
-            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", ("total_active_file", "total_inactive_file"))
         else:
             continue
         try:
             raw = (d / names[0]).read_text().strip()
             limit = None if raw == "max" or int(raw) >= 1 << 60 else int(raw)
             usage = int((d / names[1]).read_text())
-            inactive = 0
+            cache = 0
             for st in (d / "memory.stat").read_text().splitlines():
                 k, _, v = st.partition(" ")
-                if k == names[2]:
-                    inactive = int(v)
+                if k in names[2]:
+                    cache += int(v)
         except (OSError, ValueError):
             continue
-        yield limit, usage, inactive, str(d)
+        yield limit, usage, cache, str(d)
 
 
 # ------------------------------------------------------------------ artifact directories

@@ -242,3 +242,21 @@ def test_release_drops_mapped_pages(tmp_path):
     after = rss_mb()["file"]
     w.close()
     assert touched - before > 25 and touched - after > 25, (before, touched, after)
+
+
+def test_pickle_checkpoint_streams_like_safetensors(tmp_path):
+    """--allow-pickle checkpoints go through the same streamed path (torch.load(mmap=True))."""
+    import torch
+    from safetensors.torch import load_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_hf.checkpoint("neox_parallel_r025"), ck)
+    torch.save(load_file(ck / "model.safetensors"), ck / "pytorch_model.bin")
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(KvtraceError, match="--allow-pickle"):
+        export_checkpoint(ck, tmp_path / "refused", max_seq=32, **QUIET)
+    out = export_checkpoint(ck, tmp_path / "a", max_seq=32, allow_pickle=True, **QUIET)
+    ref = export_checkpoint(tiny_hf.checkpoint("neox_parallel_r025"), tmp_path / "b", max_seq=32, validate=False,
+                            **QUIET)
+    assert _files(out) == _files(ref)
+    assert load_manifest(out)["source"]["sha256"] == load_checkpoint(ck, allow_pickle=True).digest
