@@ -216,7 +216,7 @@ def plan(cfg, spec, weight_bytes: int | None = None) -> dict:
         return budget is not None and n <= budget
 
     def gb(n):
-        return f"{n / 1e9:.2f} GB"
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
     where_txt = f"{gb(avail)} available ({where})" if avail is not None else "(unknown) available memory"
     mode = spec.validation
