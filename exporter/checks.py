@@ -98,6 +98,17 @@ class Checked(Mapping):
             self._ok.add(name)
         return arr
 
+    def shape(self, name) -> tuple[int, ...]:
+        """A tensor's shape without reading it (the builder's shape check must not fault in a
+        memory-mapped checkpoint: the check above runs when the bytes are read for writing)."""
+        inner_shape = getattr(self._inner, "shape", None)
+        return tuple(inner_shape(name)) if callable(inner_shape) else tuple(self._inner[name].shape)
+
+    def __getattr__(self, attr):  # release(), close(), digest(), ... of the wrapped mapping
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._inner, attr)
+
     def __iter__(self):
         return iter(self._inner)
 

@@ -4,13 +4,17 @@ model.onnx.data, kvtrace.json, tokenizer).
 The ONNX graph is built directly from the ModelConfig (exporter/onnx_graph.py), or traced from
 the reference with --via trace; weights are streamed into model.onnx.data one tensor at a time
 (so a 650 MB model is never held twice in memory) and shared by the two graph forms
-(exporter/gpu_form.py), the artifact is assembled in a temporary
-directory next to --out, validated (onnx.checker, shape inference, onnxruntime against the
-reference model) and only then renamed into place.
+(exporter/gpu_form.py). A checkpoint is never loaded as a PyTorch model: its tensors come from
+the memory-mapped shards (models/stream.py), are checked against the documented transform as
+they are written (exporter/verify.py) and released. The artifact is assembled in a staging
+directory next to --out (one export per --out at a time; what dead exports left there is
+removed), validated (onnx.checker, shape inference, onnxruntime against the reference,
+docs/validation.md) and only then renamed into place.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -24,13 +28,13 @@ import numpy as np
 from kvtrace import configs, files, options
 from kvtrace import manifest as manifest_mod
 from kvtrace.exporter import checks, gpu_form, onnx_graph
+# the writer lives in exporter/writer.py; these names are part of this module's interface
+from kvtrace.exporter.writer import DATA_NAME, TWO_GB, Written, external_data_bytes, write_onnx  # noqa: F401
 from kvtrace import io_spec
 from kvtrace.config import ARCHITECTURES
 from kvtrace.errors import KvtraceError
 from kvtrace.manifest import write_manifest
 
-TWO_GB = 2 * 1024**3
-DATA_NAME = io_spec.ONNX_NAME + ".data"
 SHORT_DTYPE = {v: k for k, v in configs.DTYPE_NAMES.items()}  # float16 -> fp16
 
 
@@ -65,105 +69,6 @@ class TorchWeights(Mapping):
         return len(self._params)
 
 
-# ------------------------------------------------------------------------------ writing
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-# protobuf tags (field number << 3 | wire type 2 = length-delimited)
-_TAG_MODEL_GRAPH = _varint(7 << 3 | 2)  # ModelProto.graph
-_TAG_GRAPH_INITIALIZER = _varint(5 << 3 | 2)  # GraphProto.initializer
-_TAG_TENSOR_RAW = _varint(9 << 3 | 2)  # TensorProto.raw_data
-
-
-def _write_bytes(f, arr: np.ndarray) -> None:
-    arr = np.ascontiguousarray(arr)
-    f.write(memoryview(arr.view(np.uint8).reshape(-1)))  # raw bytes (bf16 has no buffer format)
-
-
-def write_onnx(model, inits, path: Path, *, external: bool) -> int:
-    """Write `model` (graph without weights) plus `inits` to `path`, one tensor at a time.
-
-    Embedded: the protobuf wire format written by hand (field tags and lengths computed
-    from the tensor sizes, then the raw bytes), so the weights never sit in a protobuf
-    object; it parses to the same ModelProto as the model with the initializers appended
-    (protobuf fields may come in any order: the graph field is written last). External: each weight goes to
-    model.onnx.data at a 64-byte aligned offset and the graph refers to it. Returns the
-    number of bytes written.
-    """
-    from onnx import TensorProto
-
-    if external:
-        data_path = path.with_name(DATA_NAME)
-        offset = 0
-        metas = []
-        with open(data_path, "wb") as f:
-            for t in inits:
-                pad = (-offset) % 64
-                f.write(b"\0" * pad)
-                offset += pad
-                arr = t.data()
-                assert arr.nbytes == t.nbytes, t.name
-                _write_bytes(f, arr)
-                del arr
-                m = t.meta()
-                m.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", DATA_NAME), ("offset", str(offset)), ("length", str(t.nbytes))):
-                    e = m.external_data.add()
-                    e.key, e.value = k, v
-                metas.append(m)
-                offset += t.nbytes
-        model.graph.initializer.extend(metas)
-        try:
-            blob = model.SerializeToString()
-        finally:
-            del model.graph.initializer[len(model.graph.initializer) - len(metas):]
-        path.write_bytes(blob)
-        return len(blob) + offset
-
-    graph_bytes = model.graph.SerializeToString()  # nodes, I/O, small constants
-    entries = []
-    graph_len = len(graph_bytes)
-    for t in inits:
-        meta = t.meta().SerializeToString()
-        entry_len = len(meta) + len(_TAG_TENSOR_RAW) + len(_varint(t.nbytes)) + t.nbytes
-        entries.append((t, meta, entry_len))
-        graph_len += len(_TAG_GRAPH_INITIALIZER) + len(_varint(entry_len)) + entry_len
-    # ModelProto: fields in any order; the graph field is written last
-    head_wo_graph = _without_graph(model)
-    total = len(head_wo_graph) + len(_TAG_MODEL_GRAPH) + len(_varint(graph_len)) + graph_len
-    if total >= TWO_GB:
-        raise KvtraceError("model.onnx would exceed protobuf's 2 GB limit; use --external-data")
-    with open(path, "wb") as f:
-        f.write(head_wo_graph)
-        f.write(_TAG_MODEL_GRAPH + _varint(graph_len))
-        f.write(graph_bytes)
-        for t, meta, entry_len in entries:
-            f.write(_TAG_GRAPH_INITIALIZER + _varint(entry_len) + meta + _TAG_TENSOR_RAW + _varint(t.nbytes))
-            arr = t.data()
-            assert arr.nbytes == t.nbytes, t.name
-            _write_bytes(f, arr)
-            del arr
-    return total
-
-
-def _without_graph(model) -> bytes:
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.ClearField("graph")
-    return m.SerializeToString()
-
-
 def skeleton(model, inits):
     """The graph with every weight declared as a typed graph input instead of an initializer:
     enough for onnx.checker and strict shape inference (only dims and types matter), without
@@ -182,6 +87,7 @@ def default_out(arch: str, dtype: str, layout: str) -> Path:
     return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
 
 
+VALIDATIONS = ("auto", "full", "bounded")  # docs/validation.md
 VIAS = ("build", "trace")  # build: exporter/onnx_graph.py from the config; trace: exporter/trace_export.py
 
 
@@ -201,10 +107,11 @@ class ExportSpec:
     attend: str = "used"  # model.onnx, static cache: "used" (slots in use) or "full" (the GPU form's)
     via: str = "build"
     validate: bool = True
+    validation: str = "auto"  # checkpoint exports: "full", "bounded" or "auto" (docs/validation.md)
 
     @classmethod
     def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
-             attend="used", via="build", validate=True) -> "ExportSpec":
+             attend="used", via="build", validate=True, validation="auto") -> "ExportSpec":
         if via not in VIAS:
             raise KvtraceError(f"--via {via!r}: expected one of {', '.join(VIAS)}")
         if via == "trace":
@@ -215,10 +122,12 @@ class ExportSpec:
                    max_seq=configs.default_max_seq(cfg) if max_seq is None else max_seq,
                    max_batch=configs.DEFAULT_MAX_BATCH if max_batch is None else max_batch,
                    opset=configs.DEFAULT_OPSET if opset is None else opset, attend=attend, via=via,
-                   validate=bool(validate))
+                   validate=bool(validate), validation=validation)
         onnx_graph.check_options(cfg, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset)
         if not isinstance(spec.max_batch, int) or spec.max_batch < 1:
             raise KvtraceError(f"--max-batch {spec.max_batch!r}: must be a positive integer")
+        if spec.validation not in VALIDATIONS:
+            raise KvtraceError(f"--validation {spec.validation!r}: expected one of {', '.join(VALIDATIONS)}")
         return spec
 
     def graph_options(self) -> dict:
@@ -249,22 +158,64 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
                            release=(lambda: _release(model)) if release_weights else None)
 
 
-def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
-                    source: dict | None = None, force: bool = False, log=None, release=None, model=None,
-                    where=None) -> Path:
-    """Write the artifact for (cfg, weights) to `out_dir`: graph, tokenizer, manifest, validation.
+def export_checkpoint(checkpoint, out_dir, *, allow_pickle: bool = False, arch: str | None = None,
+                      force: bool = False, log=None, progress: bool | None = None, no_tokenizer: bool = False,
+                      **options) -> Path:
+    """Export a Hugging Face checkpoint directory without building the PyTorch model: tensors go
+    from the memory-mapped shards (models/stream.py) through the graph builder into the file one
+    at a time, each checked against the documented transform as it is written and then released;
+    validation is the layer-streamed reference (docs/validation.md). `options` are
+    ExportSpec.make's; validation="auto" | "full" | "bounded"."""
+    from kvtrace.models.checkpoint import open_checkpoint
+    from kvtrace.models.stream import CheckpointWeights
 
-    weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing.
-    reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), required when
-    spec.validate. release(): called once the reference has run and the weights are written.
+    log = log or _log
+    ck = open_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    cfg = ck.config
+    if arch and arch != cfg.arch:
+        raise KvtraceError(f"--arch {arch} disagrees with {ck.root / 'config.json'}, which describes a "
+                           f"{cfg.arch} model; drop --arch or pass --arch {cfg.arch}")
+    spec = ExportSpec.make(cfg, **options)
+    weights = CheckpointWeights(ck)
+    try:
+        weights.start_digest()
+        weights.check_tied_head()
+        log(f"checkpoint {ck.root}: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters, {len(ck.files)} weight "
+            f"file(s), {weights.nbytes / 1e9:.2f} GB {ck.dtype}; read tensor by tensor (memory-mapped)")
+
+        def source():
+            return {"kind": "checkpoint", "path": str(ck.root.absolute()), "sha256": weights.digest(), "seed": None}
+
+        return export_artifact(cfg, weights, out_dir, spec, tokenizer=None if no_tokenizer else ck.tokenizer_file,
+                               source=source, force=force, log=log, progress=progress, where=weights.where)
+    finally:
+        weights.close()
+
+
+def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
+                    source=None, force: bool = False, log=None, release=None, model=None, where=None,
+                    progress: bool | None = None) -> Path:
+    """Write the artifact for (cfg, weights) to `out_dir`: graphs, tokenizer, manifest, validation.
+
+    weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing;
+    a mapping with `release()` (models/stream.py) has its pages released after each tensor.
+    reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), run over the whole
+    model in memory; None with spec.validate: the streamed validation (the layer-streamed
+    reference over `weights`, every initializer checked as it is written; docs/validation.md).
+    release(): called once the reference has run and the weights are written.
     tokenizer: None, a path to a tokenizer.json to copy (it must load and its ids fit the
     vocabulary), or "builtin-bytes".
-    Every weight is checked for NaN/Inf when first read (exporter/checks.py `checked`; where(name)
-    names its checkpoint tensor), and with validation every written weight is read back and
-    compared with its source (checks.check_initializers).
+    source: the manifest's "source" dict, or a function returning it (called after writing).
     model: the torch model to trace (spec.via == "trace" only).
-    Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation); in both
-    cases nothing is left at `out_dir` or beside it.
+    where(name): the checkpoint tensor a canonical weight came from, for messages. Every weight is
+    checked for NaN/Inf when read for writing (exporter/checks.py `checked`); with validation and
+    an in-memory reference, every written weight is also read back and compared with its source
+    (checks.check_initializers; the streamed path checks each as it is written).
+    progress: per-tensor progress on stderr (None: when stderr is a terminal).
+    Only one export writes to `out_dir` at a time (a second fails naming the first's PID);
+    leftovers of dead exports beside it are removed first. Raises KvtraceError (bad options,
+    unwritable output) or ParityFailure (validation); in both cases, and when interrupted
+    (KeyboardInterrupt, SIGTERM), nothing is left at `out_dir` or beside it.
     """
     log = log or _log
     out = Path(out_dir)
@@ -276,34 +227,57 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         from kvtrace.runtime.tokenizer import check_tokenizer_file
 
         check_tokenizer_file(tok_path, cfg.vocab_size)  # before any graph is built
-    if spec.validate and reference is None:
-        raise KvtraceError("export validation needs a reference model")
     if spec.via == "trace" and model is None:
         raise KvtraceError("--via trace needs the reference model to trace")
     if out.exists() or out.is_symlink():
         files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
-
+    streamed = spec.validate and reference is None
     weights = checks.checked(weights, where, spec.dtype)  # NaN/Inf (or beyond the dtype) refused, naming the tensor
-    tmp, made_parents = files.staging_dir(out)
+
+    made_parents = files.make_parents(out)
     try:
-        graph, inits, graph_info = _write_graph(cfg, weights, tmp, spec, log, model)
+        lock = files.OutputLock(out).__enter__()
+    except BaseException:
+        files.remove_dirs(made_parents)
+        raise
+    tmp = None
+    need = {}
+    try:
+        for msg in files.remove_stale(out):
+            log(msg)
+        if out.exists() or out.is_symlink():  # a restored directory is checked like any other
+            files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
+        tmp, _ = files.staging_dir(out)
+        check = None
+        if streamed:
+            from kvtrace.exporter.verify import InitializerCheck
+
+            check = InitializerCheck(cfg, weights, spec.dtype, spec.max_seq)
+        graph, inits, graph_info, written = _write_graph(cfg, weights, tmp, spec, log, need, check, progress, model)
         readback = checks.check_initializers(tmp / io_spec.ONNX_NAME, inits, lambda m: log("validate: " + m)) \
-            if spec.validate else None
+            if spec.validate and not streamed else None
         built = gpu_form.from_traced(graph, inits, graph_info) if spec.via == "trace" else None
         gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, built=built, **spec.graph_options())
         log(f"wrote {gpu_form.GPU_ONNX_NAME} (the TensorRT / onnxruntime-cuda form; weights shared)")
         tok = _copy_tokenizer(tok_path, tokenizer, tmp, log)
-        manifest = _manifest(cfg, spec, graph_info, tok, source)
+        src = source() if callable(source) else source
+        manifest = _manifest(cfg, spec, graph_info, tok, src)
         manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
-        manifest["files"] = manifest_mod.file_digests(tmp, [p.name for p in sorted(tmp.iterdir())])
+        manifest["files"] = {**written.files, **manifest_mod.file_digests(
+            tmp, [p.name for p in sorted(tmp.iterdir()) if p.name not in written.files])}
         write_manifest(tmp, manifest)
         if spec.validate:
             from kvtrace.exporter import validate
 
-            manifest["validation"] = validate.validate_artifact(
-                tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model,
-                log=lambda m: log("validate: " + m))
-            manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
+            vlog = lambda m: log("validate: " + m)  # noqa: E731
+            if streamed:
+                manifest["validation"] = validate.validate_streamed(
+                    tmp, graph, inits, cfg, weights, spec=spec, written=written, check=check,
+                    release=release, log=vlog)
+            else:
+                manifest["validation"] = validate.validate_artifact(
+                    tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model, log=vlog)
+                manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
             manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME, layout=spec.layout,
                                                             traced=spec.via == "trace")
             log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
@@ -313,14 +287,42 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         del inits, gpu_sk
         files.replace_dir(tmp, out, force=force, is_ours=manifest_mod.not_an_artifact)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        files.remove_dirs(made_parents)
-        if isinstance(e, OSError):  # disk full, permissions, ...: name where it happened
-            raise KvtraceError(f"--out {out}: writing the artifact failed ({e.strerror or e}); "
+        with _signals_ignored():  # a second Ctrl-C must not cut the cleanup short
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            lock.__exit__(None, None, None)  # its file lives in the parent: before removing that
+            files.remove_dirs(made_parents)
+        if isinstance(e, KeyboardInterrupt):  # SIGINT or SIGTERM (kvtrace/cli.py): say what was undone
+            e.args = (f"removed the unfinished export; {out} was not written" if not out.exists()
+                      else f"removed the unfinished export; {out} is unchanged",)
+        elif isinstance(e, OSError):  # disk full, permissions, ...: name where it happened
+            where_ = f"writing {e.filename}" if getattr(e, "filename", None) else "writing the artifact"
+            needed = (f"; the artifact needs {need['bytes']} bytes ({need['bytes'] / 1e9:.2f} GB), "
+                      f"{need['free']} were free when the export started") if need else ""
+            raise KvtraceError(f"--out {out}: {where_} failed ({e.strerror or e}){needed}; "
                                "nothing was left behind") from e
         raise
+    finally:
+        lock.__exit__(None, None, None)
     log(f"artifact ready: {out}")
     return out
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGINT and SIGTERM ignored for the block (main thread only), then restored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def make_graph(cfg, weights, spec: ExportSpec, model=None, *, dtype: str | None = None, log=lambda m: None):
@@ -336,21 +338,53 @@ def make_graph(cfg, weights, spec: ExportSpec, model=None, *, dtype: str | None 
     return onnx_graph.build(cfg, weights, **{**spec.graph_options(), "dtype": dtype})
 
 
-def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, model=None):
+def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, check=None, progress=None, model=None):
     """Build (or trace) the graph and stream the weights into tmp/model.onnx.data, the graph to
-    tmp/model.onnx.
+    tmp/model.onnx: each tensor is checked (check), its source pages released (weights.release)
+    and progress reported.
 
     Weights are always external: the GPU form shares the file, and onnxruntime memory-maps
     external data (an embedded fp32 model peaked 150-300 MB higher at 160M parameters)."""
+    from kvtrace.exporter.progress import Progress
+
     t0 = time.perf_counter()
     graph, inits, graph_info = make_graph(cfg, weights, spec, model, log=log)
     n_bytes = sum(t.nbytes for t in inits)
-    log(f"{'traced' if spec.via == 'trace' else 'built'} graph: {len(graph.graph.node)} nodes, {len(inits)} "
-        f"weights, {n_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.2f}s)")
+    external = True
+    log(f"{'traced' if spec.via == 'trace' else 'built'} graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
+        f"({time.perf_counter() - t0:.2f}s)")
+    size = (external_data_bytes(inits) if external else n_bytes) + graph.ByteSize() + (1 << 20)
+    free = shutil.disk_usage(tmp).free
+    need.update(bytes=size, free=free)
+    if size > free:
+        raise KvtraceError(f"--out {tmp.parent / tmp.name.split(files.STAGING_TAG)[0][1:]}: not enough disk space in "
+                           f"{tmp.parent}: the artifact needs {size} bytes ({size / 1e9:.2f} GB), {free} are free; "
+                           "nothing was written")
+    release = getattr(weights, "release", None)
+    bar = Progress(n_bytes, "writing", tty=progress)
+
+    def on_tensor(t, path, offset):
+        if check is not None:
+            check(t, path, offset)
+        if release is not None:
+            release()
+        bar.update(t.nbytes, t.name)
+
     t0 = time.perf_counter()
-    size = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=True)
-    log(f"wrote {io_spec.ONNX_NAME} + {DATA_NAME}: {size / 1e6:.1f} MB ({time.perf_counter() - t0:.2f}s)")
-    return graph, inits, graph_info
+    from kvtrace.exporter.writer import Jobs
+
+    try:  # the check, the page release and the digests run beside the writing, in order
+        written = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external, on_tensor=on_tensor,
+                             jobs=Jobs(depth=4))
+    finally:
+        bar.close()
+        if check is not None:
+            check.close()
+    dt = time.perf_counter() - t0
+    log(f"wrote {io_spec.ONNX_NAME}{' + ' + DATA_NAME if external else ''}: {written.size / 1e6:.1f} MB "
+        f"({dt:.2f}s, {written.size / 1e6 / max(dt, 1e-9):.0f} MB/s)"
+        + (f"; every weight checked against its checkpoint tensor, byte-exact" if check is not None else ""))
+    return graph, inits, graph_info, written
 
 
 def _copy_tokenizer(tok_path: Path | None, tokenizer, tmp: Path, log) -> dict | None:
@@ -454,6 +488,11 @@ def add_arguments(p) -> None:
     p.add_argument("--external-data", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
+    p.add_argument("--validation", choices=VALIDATIONS, default="auto",
+                   help="--checkpoint exports: 'full' runs the whole exported graph against the reference; "
+                        "'bounded' a truncated graph of the real weights plus a byte check of every weight, "
+                        "never the whole model at once; 'auto' (default): full when the graph fits in half "
+                        "the available memory (docs/validation.md)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check against the reference")
     p.add_argument("--target", choices=("cpu", "gpu"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-tokenizer", action="store_true",
@@ -479,30 +518,30 @@ def _tensor_names(loaded, ckpt: Path):
 
 def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
-    layout = args.cache
     t0 = time.perf_counter()
     if args.out and args.checkpoint:  # --force must never replace (or hold) the input
         options.check_apart(args.out, "--out", Path(args.checkpoint), "--checkpoint")
     if args.out and (args.out.exists() or args.out.is_symlink()):  # refuse before spending time on weights
         files.check_replaceable(args.out, force=args.force, is_ours=manifest_mod.not_an_artifact)
+    opts = dict(dtype=dtype, layout=args.cache, max_seq=args.max_seq, max_batch=args.max_batch, opset=args.opset,
+                via=args.via, validate=not args.no_validate, validation=args.validation)
     if args.checkpoint:
-        try:
-            from kvtrace.models.checkpoint import load_checkpoint
-        except ImportError as e:
-            raise KvtraceError(f"--checkpoint: checkpoint loading is not available ({e})") from e
         ckpt = Path(args.checkpoint)
         if not ckpt.is_dir():
             raise KvtraceError(f"--checkpoint {ckpt}: not a directory (expected config.json + *.safetensors)")
-        _log(f"loading {ckpt} ...")
-        loaded = load_checkpoint(ckpt, allow_pickle=args.allow_pickle)
-        model, cfg = loaded.model, loaded.config
+        from kvtrace.models.checkpoint import open_checkpoint
+
+        cfg = open_checkpoint(ckpt, allow_pickle=args.allow_pickle).config  # headers only; checked again below
         if args.arch and args.arch != cfg.arch:
             raise KvtraceError(f"--arch {args.arch} disagrees with {ckpt / 'config.json'}, which describes a "
                                f"{cfg.arch} model; drop --arch or pass --arch {cfg.arch}")
-        tokenizer = None if args.no_tokenizer else loaded.tokenizer_file
-        where = _tensor_names(loaded, ckpt)
-        source = {"kind": "checkpoint", "path": str(ckpt.absolute()), "sha256": loaded.digest, "seed": None}
-        del loaded
+        out = Path(args.out) if args.out else default_out(cfg.arch, dtype, args.cache)
+        options.check_apart(out, "--out", ckpt, "--checkpoint")
+        if args.via == "trace":  # tracing needs the PyTorch model itself (small and mid-size models)
+            out = _export_traced_checkpoint(ckpt, out, args, opts)
+        else:  # streamed: the PyTorch model is never built
+            export_checkpoint(ckpt, out, allow_pickle=args.allow_pickle, force=args.force,
+                              no_tokenizer=args.no_tokenizer, **opts)
     else:
         if not args.arch:
             raise KvtraceError("--arch is required without --checkpoint (built-in models: "
@@ -511,20 +550,29 @@ def main(args) -> int:
 
         cfg = configs.BUILTIN[args.arch]
         _log(f"building the built-in {args.arch} model (random weights, seed {configs.BUILTIN_SEED}) ...")
-        model = None
-        where = None
-        tokenizer = None if args.no_tokenizer else "builtin-bytes"
-        source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
-    spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
-                           opset=args.opset, via=args.via, validate=not args.no_validate)
-    if model is None:  # the options are checked: now spend the time on weights
+        spec = ExportSpec.make(cfg, **opts)  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)
-    _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")
-    out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout)
-    if args.checkpoint:
-        options.check_apart(out, "--out", Path(args.checkpoint), "--checkpoint")
-    export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
-                 where=where, **dataclasses.asdict(spec))
+        _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")
+        out = Path(args.out) if args.out else default_out(cfg.arch, dtype, args.cache)
+        source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
+        export_model(model, out, tokenizer=None if args.no_tokenizer else "builtin-bytes", source=source,
+                     force=args.force, release_weights=True, **dataclasses.asdict(spec))
     _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {files.peak_rss_mb():.0f} MB)")
     print(out)
     return 0
+
+
+def _export_traced_checkpoint(ckpt: Path, out: Path, args, opts: dict) -> Path:
+    """--via trace --checkpoint: the PyTorch model is loaded (strictly) and traced."""
+    from kvtrace.models.checkpoint import load_checkpoint
+
+    _log(f"loading {ckpt} (--via trace traces the PyTorch model) ...")
+    loaded = load_checkpoint(ckpt, allow_pickle=args.allow_pickle)
+    spec = ExportSpec.make(loaded.config, **opts)
+    source = {"kind": "checkpoint", "path": str(ckpt.absolute()), "sha256": loaded.digest, "seed": None}
+    tokenizer = None if args.no_tokenizer else loaded.tokenizer_file
+    where = _tensor_names(loaded, ckpt)
+    model = loaded.model
+    del loaded
+    return export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
+                        where=where, **dataclasses.asdict(spec))

@@ -179,3 +179,148 @@ def _checkpoint_path(manifest: dict, checkpoint: str | None) -> Path:
         raise KvtraceError(f"{what} {path}: no config.json there (expected a Hugging Face checkpoint directory); "
                            "pass --checkpoint DIR")
     return path
+
+
+def _trim_heap() -> None:
+    import gc
+
+    gc.collect()
+    try:  # glibc keeps freed heap pages mapped unless asked
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Past:
+    """The dynamic cache's bookkeeping that Transformer.context reads (layout, length, key
+    positions), without tensors: P tokens of one row already cached, none padding."""
+    layout = "dynamic"
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def key_positions(self, attention_mask):
+        from kvtrace.models.transformer import DynamicCache
+
+        return DynamicCache.key_positions(self, attention_mask)
+
+
+class LayerStreamedReference:
+    """Our PyTorch model in fp32, run one block at a time with weights taken from a Mapping
+    (canonical name -> array, e.g. models/stream.py's memory-mapped checkpoint), so the whole
+    model is never held: memory is one block in fp32 plus activations.
+
+    The blocks are the reference's own (models/transformer.py `Block`, and Transformer's
+    embed_input / context / norm_f), run in the same order of calls as TorchReference: each row
+    alone, its prompt in one call, then one call per continuation token with a dynamic cache.
+    Layer-major order computes exactly the same numbers as token-major order (a block's output
+    at a position depends only on the previous block's outputs at that and earlier positions);
+    only the head is applied in vocabulary chunks. The continuation is fixed in advance (teacher
+    forcing; the model's own greedy choice would need the whole model per step).
+
+    run(prompts, continuation, depths) -> {depth: kvtrace.runtime.parity.Trace}: the logits of
+    the model truncated after `depth` blocks (final norm and head applied), for every depth
+    asked, from one pass over the blocks.
+    """
+
+    HEAD_CHUNK_BYTES = 64 << 20  # fp32 head rows converted at a time
+
+    def __init__(self, cfg, weights, description: dict, release=None):
+        self.cfg, self.weights, self.description = cfg, weights, description
+        self._release = release or getattr(weights, "release", None) or (lambda: None)
+
+    def _f32(self, name: str):
+        import torch
+
+        return torch.from_numpy(np.array(self.weights[name], dtype=np.float32))  # a copy
+
+    def _module(self, module, prefix: str):
+        """`module` (built on the meta device) with its parameters read from the weights in fp32."""
+        sd = {k: self._f32(prefix + k) for k, _ in module.named_parameters()}
+        module.load_state_dict(sd, strict=True, assign=True)
+        self._release()
+        return module.eval()
+
+    def run(self, prompts, continuation, depths):
+        from kvtrace.exporter.verify import torch_threads
+
+        with torch_threads(1):
+            traces = self._run(prompts, continuation, depths)
+        _trim_heap()  # the blocks' fp32 copies are gone: hand their pages back before onnxruntime loads
+        return traces
+
+    def _run(self, prompts, continuation, depths):
+        import torch
+
+        from kvtrace.models.transformer import Block, DynamicCache, Transformer, make_norm
+        from kvtrace.runtime.parity import Trace
+
+        cfg = self.cfg
+        depths = sorted(set(int(d) for d in depths))
+        if not depths or depths[0] < 1 or depths[-1] > cfg.n_layers:
+            raise ValueError(f"depths {depths} outside 1..{cfg.n_layers}")
+        B, steps = len(prompts), len(continuation[0]) if continuation else 0
+        with torch.device("meta"):
+            skel = Transformer(cfg)  # position tables are real (numpy); no parameter memory
+        emb = self.weights["embed.weight"]  # (V, D) view: only the rows used are read
+        rows = []  # per row: [(position_ids (1, T), rope, mask, x (1, T, D))] for its calls
+        with torch.no_grad():
+            for b, p in enumerate(prompts):
+                calls, P = [], 0
+                for ids in [list(p)] + [[continuation[b][s]] for s in range(steps)]:
+                    pos = torch.arange(P, P + len(ids), dtype=torch.long)[None]  # (1, T)
+                    rope, mask = skel.context(pos, _Past(P))
+                    e = torch.from_numpy(np.array(emb[np.asarray(ids)], dtype=np.float32))[None]  # (1, T, D)
+                    calls.append([pos, rope, mask, skel.embed_input(e, pos)])
+                    P += len(ids)
+                rows.append(calls)
+            self._release()
+            kept = {}
+            for i in range(depths[-1]):
+                with torch.device("meta"):
+                    blk = Block(cfg, i)
+                blk = self._module(blk, f"layers.{i}.")
+                for calls in rows:
+                    cache = DynamicCache(cfg, 1, dtype=torch.float32)
+                    for c in calls:
+                        c[3] = blk(c[3], c[1], c[2], cache, c[0])  # (1, T, D)
+                del blk
+                if i + 1 in depths:
+                    kept[i + 1] = torch.cat([c[3][0] for calls in rows for c in calls])  # (N, D)
+            with torch.device("meta"):
+                norm = make_norm(cfg)
+            norm = self._module(norm, "norm_f.")
+            hidden = {d: norm(x) for d, x in kept.items()}  # (N, D) each
+            logits = self._head(hidden)
+        traces = {}
+        for d, lg in logits.items():  # (N, V): the rows' calls back to back
+            lg = lg.numpy()
+            pre, dec, at = [], [[None] * B for _ in range(steps)], 0
+            for b, p in enumerate(prompts):
+                pre.append(lg[at:at + len(p)])
+                at += len(p)
+                for s in range(steps):
+                    dec[s][b] = lg[at]
+                    at += 1
+            traces[d] = Trace(prompts=[list(p) for p in prompts],
+                              tokens=[[int(continuation[b][s]) for b in range(B)] for s in range(steps)],
+                              prefill=pre, decode=[np.stack(r) for r in dec])
+        return traces
+
+    def _head(self, hidden: dict):
+        """{depth: (N, D)} -> {depth: (N, V) float32}, the head read HEAD_CHUNK_BYTES at a time."""
+        import torch
+
+        name = "embed.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        W = self.weights[name]  # (V, D) view
+        V, D = W.shape
+        out = {d: torch.empty(x.shape[0], V, dtype=torch.float32) for d, x in hidden.items()}
+        step = max(1, self.HEAD_CHUNK_BYTES // (4 * D))
+        for r in range(0, V, step):
+            w = torch.from_numpy(np.array(W[r:r + step], dtype=np.float32))  # (v, D), a copy
+            for d, x in hidden.items():
+                out[d][:, r:r + step] = x @ w.t()
+            self._release()
+        return out

@@ -1,18 +1,32 @@
-"""Export-time checks of a written artifact, before it is moved into place:
+"""Export-time checks of a written artifact, before it is moved into place (docs/validation.md).
+
+validate_artifact (an in-memory reference: export_model, the built-in models):
   1. onnx.checker and strict shape inference on the graph (its weights declared as typed inputs,
      so nothing is read back), and onnx.checker by path for external data (file, offsets);
   2. the artifact, loaded by the runtime itself (kvtrace.runtime.model.Model on onnxruntime CPU),
      against the reference through the one parity harness (kvtrace.runtime.parity): a ragged
      batch of two prompts, then decode steps on the reference's greedy tokens, judged by
      configs.TOLERANCES[dtype].
-The reference runs first and is dropped (and the caller's weights released) before onnxruntime
-loads the graph, so the two never sit in memory together.
+  The reference runs first and is dropped (and the caller's weights released) before onnxruntime
+  loads the graph, so the two never sit in memory together.
+validate_streamed (checkpoint exports; never holds the model, whatever its size):
+  1. as above, plus model.onnx's external-data table against the bytes checked while writing
+     (exporter/verify.py checked every initializer against its checkpoint tensor then);
+  2. the reference is the layer-streamed one (exporter/references.py): one block in fp32 at a
+     time, over the prompts and a fixed continuation (teacher forcing);
+  3. "full": the whole exported graph replays that trace (the artifact's own weights, mapped by
+     onnxruntime); "bounded": a graph truncated after TRUNCATED_LAYERS blocks (same builder, the
+     artifact's own weight bytes) replays the reference truncated at the same depth, and the
+     whole graph is loaded and run for one decode step if it fits in memory (else a log line
+     says why not). "auto" picks full when the whole graph's weights and validation cache fit
+     in half the available memory (kvtrace.files.available_memory).
 bfloat16: onnxruntime's CPU provider has no bf16 MatMul, so the same builder writes an fp32 twin
 of the graph from the bf16-rounded weights, which runs instead (bf16 arithmetic itself is left to
 the GPU backends); the manifest's validation.method says so.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -20,12 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtrace import configs, io_spec
+from kvtrace import configs, files, io_spec
 from kvtrace.errors import KvtraceError, ParityFailure
 from kvtrace.runtime import parity
 
 # the export's sample: 2 rows of 8 and 6 tokens, then 4 decode steps (fewer when max_seq is tiny)
 PROMPT_LEN, BATCH, STEPS, SEED = 8, 2, 4, 0
+TRUNCATED_LAYERS = 2  # bounded validation: blocks kept (two: the residual stream crosses a block boundary) ...
+TRUNCATED_MAX_BYTES = 2 << 30  # ... while onnxruntime needs at most this for them, else one (bounded means bounded)
+FULL_FRACTION = 0.5  # auto: the whole graph runs when it needs at most this fraction of available memory
 
 
 def check_graph(model) -> None:
@@ -112,18 +129,20 @@ def _replay(run_dir: Path, trace, tol: dict) -> dict:
 def _bf16_twin(art: Path, cfg, weights: Mapping, spec, model=None) -> Path:
     """An fp32 artifact (inside `art`, removed afterwards) of the same graph (built, or traced from
     `model`) with the bf16-rounded weights."""
-    from kvtrace.exporter.export import make_graph, write_onnx
+    from kvtrace.exporter.export import DATA_NAME, TWO_GB, make_graph, write_onnx
     from kvtrace.manifest import file_digests, load_manifest, write_manifest
 
     twin = art / ".bf16-twin"
     twin.mkdir()
     graph, inits, _ = make_graph(cfg, _Bf16Rounded(weights), spec, _bf16_rounded_copy(model) if model else None,
                                  dtype="float32")
-    write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=False)
+    external = sum(t.nbytes for t in inits) + (1 << 20) >= TWO_GB
+    written = write_onnx(graph, inits, twin / io_spec.ONNX_NAME, external=external,
+                         on_tensor=(lambda *a: weights.release()) if hasattr(weights, "release") else None)
     data = dict(load_manifest(art).data)
-    data["dtype"], data["external_data"], data["tokenizer"] = "float32", None, None
+    data["dtype"], data["external_data"], data["tokenizer"] = "float32", DATA_NAME if external else None, None
     data.pop("graphs", None)  # the twin is model.onnx alone
-    data["files"] = file_digests(twin, [io_spec.ONNX_NAME])  # the twin's own file, not the artifact's
+    data["files"] = written.files or file_digests(twin, [p.name for p in twin.iterdir()])  # the twin's own
     data["io"] = io_spec.build(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                vocab_size=cfg.vocab_size, dtype="float32", layout=spec.layout,
                                max_seq=spec.max_seq, max_batch=spec.max_batch)
@@ -160,3 +179,235 @@ class _Bf16Rounded(Mapping):
 
     def __len__(self):
         return len(self._inner)
+
+
+# ---------------------------------------------------------------------------- streamed validation
+def continuation(cfg, steps: int) -> list[list[int]]:
+    """The tokens fed after the prompts (teacher forcing): one per row and step, drawn like the
+    prompts (another seed)."""
+    if steps == 0:
+        return [[] for _ in range(BATCH)]
+    return parity.make_prompts(BATCH, steps, cfg.vocab_size, SEED + 1, ragged=False,
+                               avoid=(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id))
+
+
+def cache_bytes(cfg, spec, batch: int) -> int:
+    """The KV cache a validation run of `batch` rows allocates (static: max_seq slots)."""
+    if spec.layout != "static":
+        return 0
+    item = 4 if spec.dtype == "float32" else 2
+    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * spec.max_seq * cfg.head_dim * item
+
+
+# onnxruntime's CPU provider has no fp16 MatMul on x86: it casts every fp16 weight to an fp32
+# copy when it loads the graph (TinyLlama-1.1B shape, 2.2 GB of fp16 weights: 4.6 GB resident);
+# bf16 runs as an fp32 twin. Memory estimates count the weights this many times their size.
+CPU_WEIGHT_FACTOR = {"float32": 1, "float16": 2, "bfloat16": 2}
+
+
+def graph_bytes(cfg, dtype: str, n_layers: int | None = None) -> int:
+    """Weight bytes of the graph of the first n_layers blocks (all by default) in `dtype`."""
+    item = 4 if dtype == "float32" else 2
+    n = cfg.n_layers if n_layers is None else n_layers
+    total = 0
+    for name, shape in cfg.param_shapes().items():
+        if name.startswith("layers.") and int(name.split(".")[1]) >= n:
+            continue
+        total += item * int(np.prod(shape))
+    return total
+
+
+def plan(cfg, spec, weight_bytes: int | None = None) -> dict:
+    """Which validation runs: {"mode", "why", "layers" (bounded: blocks of the truncated graph),
+    "smoke", "smoke_why", "available"}. Memory needs are onnxruntime's (weights x
+    CPU_WEIGHT_FACTOR, plus the validation cache), against FULL_FRACTION of available memory."""
+    avail, where = files.available_memory()
+    f = CPU_WEIGHT_FACTOR[spec.dtype]
+    weights = graph_bytes(cfg, spec.dtype) if weight_bytes is None else weight_bytes
+    full_need = f * weights + cache_bytes(cfg, spec, BATCH)
+    smoke_need = f * weights + cache_bytes(cfg, spec, 1)
+    budget = None if avail is None else int(FULL_FRACTION * avail)
+
+    def fits(n):
+        return budget is not None and n <= budget
+
+    def gb(n):
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    where_txt = f"{gb(avail)} available ({where})" if avail is not None else "(unknown) available memory"
+    mode = spec.validation
+    if mode == "auto":
+        mode = "full" if fits(full_need) else "bounded"
+        why = (f"auto: onnxruntime needs about {gb(full_need)} for the whole graph, "
+               f"{'within' if mode == 'full' else 'more than'} half of the {where_txt}")
+    else:
+        why = f"--validation {mode}"
+    layers = min(TRUNCATED_LAYERS, cfg.n_layers)
+    smoke, smoke_why = False, None
+    if mode == "bounded":
+        # two blocks when onnxruntime needs at most TRUNCATED_MAX_BYTES (and half the available
+        # memory) for them, else one: the truncated graph's memory must not grow with the model
+        while layers > 1 and not (f * graph_bytes(cfg, spec.dtype, layers) <= TRUNCATED_MAX_BYTES
+                                  and fits(f * graph_bytes(cfg, spec.dtype, layers))):
+            layers -= 1
+        if spec.dtype == "bfloat16":
+            smoke_why = "onnxruntime's CPU provider has no bfloat16 MatMul"
+        elif fits(smoke_need):
+            smoke = True
+        else:
+            smoke_why = f"onnxruntime needs about {gb(smoke_need)} for the whole graph, more than half of the {where_txt}"
+    return {"mode": mode, "why": why, "layers": layers, "smoke": smoke, "smoke_why": smoke_why, "available": avail}
+
+
+def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, written, check, release=None,
+                      log=print) -> dict:
+    """The streamed export's validation (module docstring); returns the manifest's entry or
+    raises ParityFailure / KvtraceError."""
+    from kvtrace.exporter.export import skeleton
+    from kvtrace.exporter.references import LayerStreamedReference
+
+    onnx_path = art / io_spec.ONNX_NAME
+    t0 = time.perf_counter()
+    try:
+        check_graph(skeleton(graph, inits))
+        if written.external:
+            import onnx
+
+            onnx.checker.check_model(str(onnx_path))  # external references: file, offsets, lengths
+    except Exception as e:  # noqa: BLE001
+        raise KvtraceError(f"{onnx_path.name}: {e}") from e
+    if written.external:
+        check.check_table(onnx_path)
+    log(f"onnx.checker + shape inference ok; {check.checked} weights ({check.bytes / 1e9:.2f} GB) equal their "
+        f"checkpoint tensors under the documented transform ({time.perf_counter() - t0:.2f}s)")
+
+    p = plan(cfg, spec, sum(t.nbytes for t in inits))
+    k = p["layers"]
+    depth = cfg.n_layers if p["mode"] == "full" else k
+    log(f"{p['mode']} validation ({p['why']})")
+    prompts, steps = validation_prompts(cfg, spec.max_seq)
+    cont = continuation(cfg, steps)
+    ref = LayerStreamedReference(cfg, weights, {"kind": "checkpoint", "dtype": "float32"})
+    t0 = time.perf_counter()
+    trace = ref.run(prompts, cont, [depth])[depth]
+    trace.seconds = time.perf_counter() - t0
+    log(f"reference run, {depth} of {cfg.n_layers} blocks streamed one at a time in fp32 ({trace.seconds:.1f}s)")
+    tol = configs.TOLERANCES[spec.dtype]
+    result = {"mode": p["mode"], "why": p["why"],
+              "reference": "kvtrace torch model (fp32), blocks streamed one at a time from the checkpoint",
+              "harness": "kvtrace.runtime.parity", "tokens": "prompts, then a fixed continuation (teacher forcing)",
+              "prompt_lengths": [len(x) for x in prompts], "steps": steps,
+              "initializers": check.summary(), "tolerance": dict(tol)}
+
+    run_dir, method = art, "onnxruntime-cpu through kvtrace.runtime"
+    try:
+        if p["mode"] == "full":
+            if spec.dtype == "bfloat16":
+                run_dir = _bf16_twin(art, cfg, weights, spec)
+                method += ", fp32 twin graph of the bf16-rounded weights"
+            if release is not None:
+                release()
+            what = "whole graph"
+        else:
+            run_dir = _truncated(art, cfg, weights, spec, k, written)
+            method += (f", graph truncated after {k} of {cfg.n_layers} blocks" +
+                       (" (fp32 twin of the bf16-rounded weights)" if spec.dtype == "bfloat16"
+                        else " (the artifact's own weight bytes)" if written.external else ""))
+            what = f"truncated graph ({k} blocks)"
+        report = _replay(run_dir, trace, tol)
+    finally:
+        if run_dir != art:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    log(f"onnxruntime ({what}) vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
+    for note in report["notes"]:
+        log(f"note: {note}")
+    if not report["passed"]:
+        raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
+                            f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
+                            f"{spec.dtype}: {tol})")
+    s = report["summary"]
+    result.update(method=method, layers=depth,
+                  max_abs=s["max_abs"], max_rel=s["max_rel"], top1=s["top1"], top1_strict=s["top1_strict"],
+                  decisive_positions=s["decisive"], positions=s["positions"], notes=report["notes"])
+    if p["mode"] == "bounded":
+        if p["smoke"]:
+            result["whole_graph"] = _smoke(art, cfg, log)
+        else:
+            log(f"whole graph not run: {p['smoke_why']}")
+            result["whole_graph"] = {"skipped": p["smoke_why"]}
+    return result
+
+
+def _truncated(art: Path, cfg, weights: Mapping, spec, k: int, written) -> Path:
+    """An artifact (inside `art`, removed afterwards) of the same builder's graph truncated after
+    k blocks. With external data it reads the artifact's own bytes: its model.onnx.data is a
+    hard link to the artifact's and its initializers point at the offsets the artifact uses."""
+    from kvtrace.exporter import onnx_graph
+    from kvtrace.exporter.export import DATA_NAME, write_onnx
+    from kvtrace.manifest import load_manifest, write_manifest
+    from onnx import TensorProto
+
+    sub = art / ".validate-truncated"
+    sub.mkdir()
+    cfg_k = cfg.replace(n_layers=k)
+    dtype = "float32" if spec.dtype == "bfloat16" else spec.dtype
+    w = _Bf16Rounded(weights) if spec.dtype == "bfloat16" else weights
+    graph, inits, _ = onnx_graph.build(cfg_k, w, dtype=dtype, layout=spec.layout, max_seq=spec.max_seq,
+                                       opset=spec.opset, attend=spec.attend)
+    linked = False
+    if written.external and spec.dtype != "bfloat16":
+        try:
+            os.link(art / DATA_NAME, sub / DATA_NAME)
+            linked = True
+        except OSError:  # a file system without hard links: write the k blocks' weights instead
+            pass
+    if linked:
+        metas = []
+        for t in inits:
+            loc, offset, length = written.offsets[t.name]
+            if loc != DATA_NAME or length != t.nbytes:
+                raise KvtraceError(f"internal error: truncated graph initializer {t.name} does not match the artifact's")
+            m = t.meta()
+            m.data_location = TensorProto.EXTERNAL
+            for key, v in (("location", DATA_NAME), ("offset", str(offset)), ("length", str(length))):
+                e = m.external_data.add()
+                e.key, e.value = key, v
+            metas.append(m)
+        graph.graph.initializer.extend(metas)
+        (sub / io_spec.ONNX_NAME).write_bytes(graph.SerializeToString())
+    else:
+        write_onnx(graph, inits, sub / io_spec.ONNX_NAME, external=True,
+                   on_tensor=(lambda *a: weights.release()) if hasattr(weights, "release") else None)
+    data = dict(load_manifest(art).data)
+    data.pop("files", None)
+    data.pop("graphs", None)  # the truncated graph is model.onnx alone
+    data["config"] = cfg_k.to_dict()
+    data["dtype"], data["external_data"], data["tokenizer"] = dtype, DATA_NAME, None
+    data["io"] = io_spec.build(n_layers=k, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                               vocab_size=cfg.vocab_size, dtype=dtype, layout=spec.layout,
+                               max_seq=spec.max_seq, max_batch=spec.max_batch)
+    write_manifest(sub, data)
+    return sub
+
+
+def _smoke(art: Path, cfg, log) -> dict:
+    """The whole graph loaded by the runtime and run for a one-token prompt and one decode step:
+    it loads, its external data resolves, and its logits are finite."""
+    from kvtrace.runtime.model import Model
+
+    t0 = time.perf_counter()
+    prompt, tok = validation_prompts(cfg, 2)[0][0][:1], continuation(cfg, 1)[0][0]
+    m = Model.load(art, backend="onnxruntime", threads=1, prepack=False)
+    try:
+        a = np.asarray(m.start([prompt]))
+        b = np.asarray(m.step([tok]))
+    finally:
+        m.close()
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    dt = time.perf_counter() - t0
+    if not finite:
+        raise ParityFailure("the whole exported graph produced non-finite logits on a one-token prompt and one "
+                            "decode step (the truncated graph was finite: a weight beyond the first blocks "
+                            "holds NaN/Inf, or activations overflow)")
+    log(f"whole graph loaded and run (prompt of 1 token + 1 decode step): logits finite ({dt:.1f}s)")
+    return {"ran": "one-token prompt + one decode step", "finite": True, "seconds": round(dt, 2)}

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from . import __version__
-from .errors import KvtraceError
+from .errors import KvtraceError, Terminated
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,22 @@ def _command_word(argv) -> str | None:
     return None
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     try:  # a path given as non-UTF-8 bytes is printed back as the same bytes, not a crash
         sys.stdout.reconfigure(errors="surrogateescape")
     except (AttributeError, ValueError, OSError):
         pass
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # cleans up like Ctrl-C (exit 143)
     try:
         word = _command_word(argv)
         ap, module = parser(word if word in COMMANDS else None)
@@ -128,9 +137,11 @@ def main(argv=None) -> int:
             raise
         print(f"kvtrace: {e.label}: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("kvtrace: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (Terminated); e.args: what the command undid
+        term = isinstance(e, Terminated)
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        print(f"kvtrace: {what}{': ' + str(e.args[0]) if e.args else ''}", file=sys.stderr)
+        return 143 if term else 130
     except BrokenPipeError:  # `kvtrace generate ... | head`: the reader left; not an error of ours
         try:
             sys.stdout = open(os.devnull, "w")

@@ -39,3 +39,8 @@ class NonFiniteLogits(KvtraceError):
     def __init__(self, message: str, *, step: int | None = None, row: int | None = None):
         super().__init__(message)
         self.step, self.row = step, row
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt so that the same
+    cleanup runs (an export removes its staging directory). Exit status 143."""

@@ -6,8 +6,15 @@
                                           renamed into place when complete (see replace_dir); it
                                           carries the writer's PID so a later run can tell a dead
                                           writer's leftovers from a live one's
+  OutputLock(out)                         one writer per --out: a second export to the same place
+                                          fails naming the live one's PID (flock, released by the
+                                          kernel when the holder dies, even by SIGKILL)
+  remove_stale(out)                       staging directories of dead writers, removed (with what
+                                          was removed, for the message); a live writer's are kept
   sha256_file                             a file's digest, read in 16 MiB pieces
-  peak_rss_mb                             this process's peak resident set size
+  peak_rss_mb, rss_mb                     this process's peak / current resident set size
+  available_memory                        memory this process may still use: MemAvailable, or less
+                                          under a cgroup limit (v1 or v2)
 """
 from __future__ import annotations
 
@@ -88,8 +95,77 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rss_mb() -> dict[str, float]:
+    """Current RSS split as the kernel counts it, MiB: {"total", "anon", "file"} (Linux; {} elsewhere).
+    File-backed pages (mapped weight files) count in RSS while resident but are clean and
+    reclaimable: the kernel drops them under memory pressure instead of killing the process."""
+    keys = {"VmRSS": "total", "RssAnon": "anon", "RssFile": "file"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[keys[k]] = int(v.split()[0]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def available_memory() -> tuple[int | None, str]:
+    """(bytes this process may still use, where the figure comes from): /proc/meminfo's
+    MemAvailable, or, when this process is in a memory cgroup with a lower limit, that limit
+    minus the cgroup's usage plus its page cache (file pages, which the kernel reclaims at the
+    limit, as MemAvailable counts them). None when unknown."""
+    best, why = None, "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                best, why = int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    for limit, usage, cache, where in _cgroup_memory():
+        if limit is None:
+            continue
+        free = max(0, min(limit, limit - usage + cache))
+        if best is None or free < best:
+            best, why = free, f"cgroup limit {limit / 2**30:.1f} GiB ({where})"
+    return best, why
+
+
+def _cgroup_memory():
+    """(limit, usage, file page bytes, path) of this process's memory cgroup(s), v2 and v1."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            d = Path("/sys/fs/cgroup") / rel.lstrip("/")
+            names = ("memory.max", "memory.current", ("active_file", "inactive_file"))
+        elif "memory" in controllers.split(","):
+            d = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", ("total_active_file", "total_inactive_file"))
+        else:
+            continue
+        try:
+            raw = (d / names[0]).read_text().strip()
+            limit = None if raw == "max" or int(raw) >= 1 << 60 else int(raw)
+            usage = int((d / names[1]).read_text())
+            cache = 0
+            for st in (d / "memory.stat").read_text().splitlines():
+                k, _, v = st.partition(" ")
+                if k in names[2]:
+                    cache += int(v)
+        except (OSError, ValueError):
+            continue
+        yield limit, usage, cache, str(d)
+
+
 # ------------------------------------------------------------------ artifact directories
 STAGING_TAG = ".tmp-"  # .OUT.tmp-PID-XXXX beside OUT
+OLD_TAG = ".old-"  # .OUT.old-PID: the previous artifact while replace_dir swaps in the new one
 
 
 def staging_dir(out: Path) -> tuple[Path, list[Path]]:
@@ -113,6 +189,23 @@ def staging_dir(out: Path) -> tuple[Path, list[Path]]:
     return tmp, made
 
 
+def make_parents(out: Path) -> list[Path]:
+    """Create the missing parent directories of `out`; returns them deepest first (for
+    remove_dirs on failure)."""
+    parent = Path(out).absolute().parent
+    made = []
+    p = parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        remove_dirs(made)
+        raise KvtraceError(f"--out {out}: cannot create a directory there ({e.strerror or e})") from e
+    return made
+
+
 def remove_dirs(made: list[Path]) -> None:
     """Remove directories a failed run created (deepest first), stopping at the first non-empty one."""
     for d in made:
@@ -123,22 +216,107 @@ def remove_dirs(made: list[Path]) -> None:
 
 
 def stale_staging_dirs(out: Path) -> list[Path]:
-    """Staging directories of `out` left by processes that are no longer running."""
+    """Staging directories of `out` (and `.OUT.old-PID` directories of an interrupted
+    replace_dir) left by processes that are no longer running."""
     out = Path(out)
     parent = out.absolute().parent
     if not parent.is_dir():
         return []
-    prefix = f".{out.name}{STAGING_TAG}"
     stale = []
-    for d in parent.iterdir():
-        if not d.name.startswith(prefix) or not d.is_dir():
+    for prefix in (f".{out.name}{STAGING_TAG}", f".{out.name}{OLD_TAG}"):
+        for d in parent.iterdir():
+            if not d.name.startswith(prefix) or not d.is_dir() or d.is_symlink():
+                continue
+            pid = d.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.append(d)
+            elif not pid.isdigit():  # an older kvtrace's name (no PID): its writer cannot be asked
+                stale.append(d)
+    return sorted(stale)
+
+
+def dir_bytes(d: Path) -> int:
+    total = 0
+    for root, _, names in os.walk(d):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_stale(out: Path) -> list[str]:
+    """Remove what dead writers left beside `out`; returns one description per directory.
+
+    A staging directory (.OUT.tmp-PID-*) of a dead PID is removed. An `.OUT.old-PID` directory
+    is the previous artifact that an interrupted replacement had moved aside: it is removed when
+    `out` exists (the new artifact made it), and moved back to `out` when it does not."""
+    import shutil
+
+    out = Path(out)
+    done = []
+    for d in stale_staging_dirs(out):
+        size = dir_bytes(d)
+        if OLD_TAG in d.name and not (out.exists() or out.is_symlink()):
+            os.replace(d, out)
+            done.append(f"restored {out} from {d.name}, which an interrupted replacement had moved aside")
             continue
-        pid = d.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.append(d)
-        elif not pid.isdigit():  # an older kvtrace's name (no PID): its writer cannot be asked
-            stale.append(d)
-    return stale
+        shutil.rmtree(d, ignore_errors=True)
+        pid = d.name.rsplit(OLD_TAG if OLD_TAG in d.name else STAGING_TAG, 1)[1].split("-", 1)[0]
+        done.append(f"removed {d} ({size / 1e9:.2f} GB), left by an export that is no longer running"
+                    + (f" (PID {pid})" if pid.isdigit() else ""))
+    return done
+
+
+class OutputLock:
+    """An exclusive lock on `out` for the length of one export: the file `.OUT.lock` beside it,
+    flock()ed and holding the owner's PID. The kernel drops the lock when the holder dies, so a
+    killed export never blocks the next one; a live one makes the next fail with its PID."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out.absolute().parent / f".{self.out.name}.lock"
+        self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        for _ in range(10):  # the holder may unlink the file between our open and flock: retry
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+            except OSError as e:
+                raise KvtraceError(f"--out {self.out}: cannot create the lock file {self.path} "
+                                   f"({e.strerror or e})") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                finally:
+                    os.close(fd)
+                raise KvtraceError(f"--out {self.out}: another kvtrace export (PID {pid}) is writing it right "
+                                   "now; wait for it to finish or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise KvtraceError(f"--out {self.out}: could not lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            try:
+                self.path.unlink()  # while still holding the lock (see the inode check above)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
 
 
 def _alive(pid: int) -> bool:
@@ -162,7 +340,7 @@ def replace_dir(tmp: Path, out: Path, *, force: bool, is_ours) -> None:
     old = None
     if out.exists() or out.is_symlink():
         check_replaceable(out, force=force, is_ours=is_ours)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}{OLD_TAG}{os.getpid()}")
         os.replace(out, old)
     try:
         os.replace(tmp, out)

@@ -1,5 +1,11 @@
-"""Strict loading of Hugging Face checkpoints into the reference Transformer.
+"""Strict reading of Hugging Face checkpoints: the plan (config, files, headers, checks) and the
+loader into the reference Transformer.
 
+    open_checkpoint(dir, allow_pickle=False) -> Checkpoint(root, hf_config, adapter, config, kind,
+                                                           files, entries, table, tied_head, ...)
+        config.json, the weight files and their headers, every check below; no tensor is read.
+        Shared by the two readers: load_checkpoint (torch) and models/stream.py (the streamed
+        export, numpy views of memory-mapped shards).
     load_checkpoint(dir, dtype=None, allow_pickle=False) -> Loaded(model, config, hf_config,
                                                                    digest, tokenizer_file, files)
 
@@ -27,32 +33,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from kvtrace.errors import KvtraceError
 from kvtrace.files import sha256_file
 
 from kvtrace.config import ConfigError, ModelConfig
 from .hf import Adapter, adapter_for, hf_shape, is_ignored, split_tensor, weight_table
-from .transformer import Transformer
+
+# torch is imported by the functions that need it: the plan (open_checkpoint) and the streamed
+# export's writing pass do not
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_LOADABLE = (torch.float32, torch.float16, torch.bfloat16)
+# safetensors dtype code -> (dtype name, bytes per element); names are torch's and numpy's
+_ST_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_LOADABLE = ("float32", "float16", "bfloat16")  # a model's dtype; float64 tensors are read and converted
+ITEMSIZE = {name: size for name, size in _ST_DTYPES.values()}
 _CHUNK = 1 << 30  # Linux read() returns at most ~2 GiB per call: read big tensors in pieces
 _STAGE_BYTES = 16 << 20  # staging buffer for dtype conversion
 
 
 @dataclass
 class Loaded:
-    model: Transformer  # eval mode, parameters in `dtype` (or the checkpoint's)
+    model: Any  # a kvtrace.models.transformer.Transformer, eval mode, parameters in `dtype` (or the checkpoint's)
     config: ModelConfig
     hf_config: dict
     digest: str  # sha256 hex of the weight files' bytes, concatenated in `files` order
@@ -61,27 +68,27 @@ class Loaded:
 
 
 @dataclass
-class _Entry:
+class Entry:
     """One tensor in one weight file."""
     name: str
     file: Path
     shape: tuple[int, ...]
-    dtype: torch.dtype | None  # None: a dtype we cannot load (named in the error if it is used)
-    dtype_name: str
+    dtype: str | None  # "float32" | "float16" | "bfloat16" | "float64"; None: one we cannot load
+    dtype_name: str  # as the file names it (F16, I8, torch.int8, ...)
     start: int = 0  # absolute byte offsets in the file (safetensors)
     end: int = 0
     tensor: Any = None  # pickle checkpoints: the tensor itself
 
 
 # --------------------------------------------------------------------------- small helpers
-def _canonical_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in _LOADABLE:
-            raise KvtraceError(f"dtype {dtype}: expected one of float32, float16, bfloat16")
-        return dtype
-    if str(dtype) not in _DTYPES:
+def _canonical_dtype(dtype) -> str | None:
+    """None, or a dtype name / alias / torch dtype -> "float32" | "float16" | "bfloat16"."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
         raise KvtraceError(f"dtype {dtype!r}: expected one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
-    return _DTYPES[str(dtype)]
+    return _DTYPES[name]
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -93,8 +100,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise KvtraceError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """Writable bytes of a contiguous CPU tensor (any dtype, bf16 included)."""
+def _byte_view(t) -> memoryview:
+    """Writable bytes of a contiguous CPU torch tensor (any dtype, bf16 included)."""
+    import torch
+
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -108,7 +117,7 @@ def _readinto(f, buf: memoryview, path: Path, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- safetensors headers
-def _safetensors_header(path: Path) -> tuple[int, dict[str, _Entry]]:
+def _safetensors_header(path: Path) -> tuple[int, dict[str, Entry]]:
     """(header length incl. the 8-byte size, entries) with every offset checked against the file size."""
     if not path.is_file():
         raise KvtraceError(f"{path}: weight file not found")
@@ -128,7 +137,7 @@ def _safetensors_header(path: Path) -> tuple[int, dict[str, _Entry]]:
     except (UnicodeDecodeError, json.JSONDecodeError, AssertionError):
         raise KvtraceError(f"{path}: corrupt safetensors file (header is not a JSON object)") from None
     base = 8 + n
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -137,15 +146,19 @@ def _safetensors_header(path: Path) -> tuple[int, dict[str, _Entry]]:
             b, e = int(b), int(e)
         except (KeyError, TypeError, ValueError):
             raise KvtraceError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        dtype = _ST_DTYPES.get(dtype_name)
-        itemsize = dtype.itemsize if dtype is not None else None
+        dtype, itemsize = _ST_DTYPES.get(dtype_name, (None, None))
         if not 0 <= b <= e or (itemsize is not None and e - b != math.prod(shape) * itemsize):
             raise KvtraceError(f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} "
                                f"{dtype_name} has data offsets [{b}, {e}]")
         if base + e > size:
             raise KvtraceError(f"{path}: file is truncated: tensor '{name}' needs bytes up to {base + e}, "
                                f"the file has {size}")
-        entries[name] = _Entry(name, path, shape, dtype, dtype_name, base + b, base + e)
+        entries[name] = Entry(name, path, shape, dtype, dtype_name, base + b, base + e)
+    end = base
+    for ent in sorted(entries.values(), key=lambda x: (x.start, x.end)):
+        if ent.start < end:
+            raise KvtraceError(f"{path}: corrupt safetensors file: tensor '{ent.name}' overlaps another")
+        end = ent.end
     return base, entries
 
 
@@ -184,7 +197,9 @@ def _weight_files(root: Path, allow_pickle: bool) -> tuple[str, list[Path], dict
                        f"checkpoint, or {PICKLE} with --allow-pickle)")
 
 
-def _pickle_entries(path: Path) -> dict[str, _Entry]:
+def _pickle_entries(path: Path) -> dict[str, Entry]:
+    import torch
+
     try:  # the safe unpickler first; the full one only for old files that need it (the user allowed it)
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:
@@ -198,13 +213,13 @@ def _pickle_entries(path: Path) -> dict[str, _Entry]:
     for name, t in sd.items():
         if not isinstance(t, torch.Tensor):
             raise KvtraceError(f"{path}: entry '{name}' is not a tensor")
-        out[name] = _Entry(name, path, tuple(t.shape), t.dtype if t.dtype in _LOADABLE else None,
-                           str(t.dtype), tensor=t)
+        dtype = str(t.dtype).removeprefix("torch.")
+        out[name] = Entry(name, path, tuple(t.shape), dtype if dtype in ITEMSIZE else None, str(t.dtype), tensor=t)
     return out
 
 
-def _collect(kind: str, files: list[Path], wmap: dict[str, str] | None) -> dict[str, _Entry]:
-    entries: dict[str, _Entry] = {}
+def _collect(kind: str, files: list[Path], wmap: dict[str, str] | None) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
     for f in files:
         found = _safetensors_header(f)[1] if kind == "safetensors" else _pickle_entries(f)
         for name, e in found.items():
@@ -221,7 +236,7 @@ def _collect(kind: str, files: list[Path], wmap: dict[str, str] | None) -> dict[
 
 
 # --------------------------------------------------------------------------- the plan
-def _check(adapter: Adapter, cfg: ModelConfig, table: dict, entries: dict[str, _Entry], root: Path) -> list:
+def _check(adapter: Adapter, cfg: ModelConfig, table: dict, entries: dict[str, Entry], root: Path) -> list:
     """Every needed tensor present with its shape; nothing unexpected. Returns the tied-head entry list."""
     for hf_name, canon in table.items():
         label = f"tensor '{hf_name}' (parameter {', '.join(canon)})"
@@ -251,36 +266,109 @@ def _check(adapter: Adapter, cfg: ModelConfig, table: dict, entries: dict[str, _
     return tied_head
 
 
-def _checkpoint_dtype(table: dict, entries: dict[str, _Entry]) -> torch.dtype:
+def _checkpoint_dtype(table: dict, entries: dict[str, Entry]) -> str:
     """The dtype holding most of the parameter elements (a few fp32 norms in an fp16 file do not count)."""
-    count: dict[torch.dtype, int] = {}
+    count: dict[str, int] = {}
     for hf_name in table:
         e = entries[hf_name]
         count[e.dtype] = count.get(e.dtype, 0) + math.prod(e.shape)
     best = max(count, key=count.get)
-    return best if best in _LOADABLE else torch.float32
+    return best if best in _LOADABLE else "float32"
 
 
-def _set_param(model: nn.Module, canon: str, t: torch.Tensor) -> None:
+@dataclass
+class Checkpoint:
+    """A checked checkpoint directory: what is in it and where, nothing read yet."""
+    root: Path
+    hf_config: dict
+    adapter: Adapter
+    config: ModelConfig
+    kind: str  # "safetensors" | "pickle"
+    files: list[Path]  # the weight files, in digest order
+    entries: dict[str, Entry]  # every tensor of every file
+    table: dict[str, tuple[str, ...]]  # HF tensor name -> the canonical parameter(s) it fills
+    tied_head: list[Entry]  # a stored head of a tied model (must equal the embedding)
+
+    @property
+    def dtype(self) -> str:
+        """The checkpoint's own dtype (most parameter elements)."""
+        return _checkpoint_dtype(self.table, self.entries)
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        tok = self.root / "tokenizer.json"
+        return tok if tok.is_file() else None
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(e.end - e.start if self.kind == "safetensors" else math.prod(e.shape) * ITEMSIZE[e.dtype]
+                   for e in self.entries.values() if e.name in self.table)
+
+
+def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
+    """config.json, the weight files, every header and every check; no tensor data is read."""
+    root = Path(path)
+    if not root.is_dir():
+        raise KvtraceError(f"{root}: not a checkpoint directory (expected config.json + *.safetensors)")
+    cfg_path = root / "config.json"
+    hf_config = _read_json(cfg_path, "config.json")
+    try:
+        adapter = adapter_for(hf_config)
+        cfg = adapter.make_config(hf_config)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+    kind, files, wmap = _weight_files(root, allow_pickle)
+    entries = _collect(kind, files, wmap)
+    table = weight_table(adapter, cfg)
+    tied_head = _check(adapter, cfg, table, entries, root)
+    return Checkpoint(root, hf_config, adapter, cfg, kind, files, entries, table, tied_head)
+
+
+def digest_files(files: list[Path], digest=None, stop=None) -> str:
+    """sha256 hex of the weight files' bytes, concatenated in order (the checkpoint digest that
+    manifests record). stop(): polled between pieces; a true value abandons the digest (None)."""
+    h = digest if digest is not None else hashlib.sha256()
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                if stop is not None and stop():
+                    return None
+    return h.hexdigest()
+
+
+def tied_head_error(e: Entry, adapter: Adapter) -> KvtraceError:
+    return KvtraceError(f"{e.file}: tensor '{e.name}' differs from the embedding "
+                        f"'{adapter.global_names['embed']}.weight', but config.json says "
+                        "tie_word_embeddings is true (set it to false if the head is separate)")
+
+
+def _set_param(model, canon: str, t) -> None:
+    from torch import nn
+
     module_path, leaf = canon.rsplit(".", 1)
     setattr(model.get_submodule(module_path), leaf, nn.Parameter(t, requires_grad=False))
 
 
 # --------------------------------------------------------------------------- reading
-def _read_entry(f, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
-    """Tensor `e` from open file `f` (positioned at e.start), as `dtype`.
+def _read_entry(f, e: Entry, dtype: str):
+    """Tensor `e` from open file `f` (positioned at e.start), as torch dtype `dtype`.
 
     Same dtype: read straight into the result. Otherwise through a small staging buffer, so a
     conversion never holds a whole second tensor (an fp32 embedding is the largest one).
     """
-    out = torch.empty(e.shape, dtype=dtype)
+    import torch
+
+    out = torch.empty(e.shape, dtype=getattr(torch, dtype))
     what = f"tensor '{e.name}'"
     if e.dtype == dtype:
         _readinto(f, _byte_view(out), e.file, what)
         return out
     flat = out.view(-1)  # (numel,)
-    step = max(1, _STAGE_BYTES // e.dtype.itemsize)
-    stage = torch.empty(min(step, flat.numel()), dtype=e.dtype)
+    step = max(1, _STAGE_BYTES // ITEMSIZE[e.dtype])
+    stage = torch.empty(min(step, flat.numel()), dtype=getattr(torch, e.dtype))
     for i in range(0, flat.numel(), step):
         part = stage[:min(step, flat.numel() - i)]
         _readinto(f, _byte_view(part), e.file, what)
@@ -301,7 +389,7 @@ class _HashingReader:
         return n
 
 
-def _stream_file(path: Path, entries: list[_Entry], digest, use) -> None:
+def _stream_file(path: Path, entries: list[Entry], digest, use) -> None:
     """Read one safetensors file front to back, every byte into `digest`.
 
     use(entry, f) is called with f positioned at each tensor's data; it reads the tensor or
@@ -312,9 +400,7 @@ def _stream_file(path: Path, entries: list[_Entry], digest, use) -> None:
         f = _HashingReader(raw, digest)
         _readinto(f, memoryview(bytearray(base)), path, "the header")
         pos = base
-        for e in sorted(entries, key=lambda e: e.start):
-            if e.start < pos:
-                raise KvtraceError(f"{path}: corrupt safetensors file: tensor '{e.name}' overlaps another")
+        for e in sorted(entries, key=lambda e: e.start):  # no overlaps: _safetensors_header checked
             if e.start > pos:  # alignment padding
                 _readinto(f, memoryview(bytearray(e.start - pos)), path, "padding")
             if use(e, f) is None:  # an ignored buffer or a tied head (compared later)
@@ -327,63 +413,48 @@ def _stream_file(path: Path, entries: list[_Entry], digest, use) -> None:
 # --------------------------------------------------------------------------- the loader
 def load_checkpoint(path, *, dtype=None, allow_pickle: bool = False) -> Loaded:
     """Load a Hugging Face checkpoint directory strictly into a `Transformer` (eval mode)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise KvtraceError(f"{root}: not a checkpoint directory (expected config.json + *.safetensors)")
-    want_dtype = _canonical_dtype(dtype)
-    cfg_path = root / "config.json"
-    hf_config = _read_json(cfg_path, "config.json")
-    try:
-        adapter = adapter_for(hf_config)
-        cfg = adapter.make_config(hf_config)
-    except ConfigError as e:
-        raise ConfigError(f"{cfg_path}: {e}") from None
+    import torch
 
-    kind, files, wmap = _weight_files(root, allow_pickle)
-    entries = _collect(kind, files, wmap)
-    table = weight_table(adapter, cfg)
-    tied_head = _check(adapter, cfg, table, entries, root)
-    dtype = want_dtype or _checkpoint_dtype(table, entries)
+    from .transformer import Transformer
+
+    want_dtype = _canonical_dtype(dtype)
+    ck = open_checkpoint(path, allow_pickle=allow_pickle)
+    root, cfg, adapter, table, entries = ck.root, ck.config, ck.adapter, ck.table, ck.entries
+    dtype = want_dtype or ck.dtype
 
     with torch.device("meta"):
         model = Transformer(cfg)  # no memory for parameters yet
 
-    def take(e: _Entry, t: torch.Tensor) -> bool:
+    def take(e: Entry, t) -> bool:
         """Put HF tensor `e` (already in `dtype`) into the model, splitting fused tensors."""
         for canon, part in split_tensor(adapter, cfg, table[e.name], t):
-            _set_param(model, canon, part)
+            _set_param(model, canon, part.contiguous())
         return True
 
     digest = hashlib.sha256()
-    if kind == "safetensors":
-        for path_ in files:
+    if ck.kind == "safetensors":
+        for path_ in ck.files:
             _stream_file(path_, [e for e in entries.values() if e.file == path_], digest,
                          lambda e, f: take(e, _read_entry(f, e, dtype)) if e.name in table else None)
-        for e in tied_head:  # re-read the stored head and compare it with the embedding
+        for e in ck.tied_head:  # re-read the stored head and compare it with the embedding
             with open(e.file, "rb", buffering=0) as f:
                 f.seek(e.start)
                 head = _read_entry(f, e, dtype)
-            _check_tied(model, e, head, adapter)
+            if not torch.equal(head, model.embed.weight):
+                raise tied_head_error(e, adapter)
     else:
-        for path_ in files:
+        for path_ in ck.files:
             sha256_file(path_, digest)
         for e in entries.values():
             if e.name in table:
-                take(e, e.tensor.to(dtype, copy=True))
-        for e in tied_head:
-            _check_tied(model, e, e.tensor.to(dtype), adapter)
+                take(e, e.tensor.to(getattr(torch, dtype), copy=True))
+        for e in ck.tied_head:
+            if not torch.equal(e.tensor.to(getattr(torch, dtype)), model.embed.weight):
+                raise tied_head_error(e, adapter)
         entries.clear()  # drop the mmapped pickle storage
 
     left = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if left:  # cannot happen when the table covers param_shapes(); guard against drift
         raise KvtraceError(f"{root}: internal error: parameters not filled: {left[:5]}")
-    tok = root / "tokenizer.json"
-    return Loaded(model=model.eval(), config=cfg, hf_config=hf_config, digest=digest.hexdigest(),
-                  tokenizer_file=tok if tok.is_file() else None, files=files)
-
-
-def _check_tied(model: Transformer, e: _Entry, head: torch.Tensor, adapter: Adapter) -> None:
-    if not torch.equal(head, model.embed.weight):
-        raise KvtraceError(f"{e.file}: tensor '{e.name}' differs from the embedding "
-                           f"'{adapter.global_names['embed']}.weight', but config.json says "
-                           "tie_word_embeddings is true (set it to false if the head is separate)")
+    return Loaded(model=model.eval(), config=cfg, hf_config=ck.hf_config, digest=digest.hexdigest(),
+                  tokenizer_file=ck.tokenizer_file, files=ck.files)

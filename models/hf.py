@@ -9,7 +9,8 @@ XGLMForCausalLM). Each knows
   - the fixups: GPT-NeoX's fused, per-head interleaved query_key_value; buffers some
     checkpoints carry that are not weights; the name of a tied head some checkpoints still store.
 
-Pure Python except `split_tensor`, which only needs tensor methods (`view`, `reshape`).
+Pure Python except `split_tensor`, which only needs the `reshape` and indexing that torch tensors
+and numpy arrays share (the torch loader and the streamed export split with the same code).
 """
 from __future__ import annotations
 
@@ -371,16 +372,18 @@ def hf_shape(cfg: ModelConfig, canon_names: tuple[str, ...]) -> tuple[int, ...]:
     return (sum(shapes[n][0] for n in canon_names),) + tuple(first[1:])
 
 
-def split_tensor(adapter: Adapter, cfg: ModelConfig, canon_names: tuple[str, ...], t):
-    """The canonical tensors held by HF tensor `t` (a torch tensor), as [(name, tensor)]."""
+def split_tensor(adapter: Adapter, cfg: ModelConfig, canon_names: tuple[str, ...], t, only: str | None = None):
+    """The canonical tensors held by HF tensor `t` (a torch tensor or a numpy array), as
+    [(name, tensor)]; only=NAME returns that one part alone. Parts of a fused tensor are copies
+    (reshape of a strided slice), the unfused tensor is `t` itself."""
     if len(canon_names) == 1:
         return [(canon_names[0], t)]
     assert adapter.fused_qkv and len(canon_names) == 3, canon_names
     # GPT-NeoX query_key_value: output rows are laid out (H, 3, hd): per head its q, k, v rows.
     H, hd = cfg.n_heads, cfg.head_dim
-    per_head = t.view(H, 3, hd, *t.shape[1:])  # (H, 3, hd[, D])
-    return [(name, per_head[:, j].reshape(H * hd, *t.shape[1:]).contiguous())
-            for j, name in enumerate(canon_names)]
+    per_head = t.reshape(H, 3, hd, *t.shape[1:])  # (H, 3, hd[, D]), a view
+    return [(name, per_head[:, j].reshape(H * hd, *t.shape[1:]))
+            for j, name in enumerate(canon_names) if only in (None, name)]
 
 
 def is_ignored(adapter: Adapter, hf_name: str) -> bool:

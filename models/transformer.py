@@ -235,24 +235,10 @@ class Transformer(nn.Module):
         logits_index (B, K) int64: logits only at these positions of each row -> (B, K, V)
         (the graph's logits_index input; None: every position).
         """
-        cfg = self.cfg
         if not _exporting():  # the value checks read tensors: not traceable
             self.check_inputs(input_ids, position_ids)
-        B, T = input_ids.shape
-        x = self.embed(input_ids) * cfg.embed_scale  # (B, T, D)
-        if cfg.positions == "sinusoidal":
-            x = x + self.pos_table[position_ids + cfg.sinusoidal_offset].to(x.dtype)
-        if cache.layout == "static":
-            q_slots, n_slots = position_ids, cache.max_seq
-        else:
-            P = cache.length
-            if attention_mask is None:
-                attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
-            q_slots = (P + torch.arange(T, device=input_ids.device)).expand(B, T)
-            n_slots = P + T
-        key_pos, key_valid = cache.key_positions(attention_mask)
-        mask = attention_mask_bool(cfg, position_ids, key_pos, key_valid, q_slots, n_slots)  # (B,1,T,S)
-        rope = self.rope(input_ids.device)
+        x = self.embed_input(self.embed(input_ids), position_ids)  # (B, T, D)
+        rope, mask = self.context(position_ids, cache, attention_mask)
         for block in self.layers:
             x = block(x, rope, mask, cache, position_ids)
         if logits_index is not None:  # x[b, logits_index[b, k]]
@@ -260,6 +246,33 @@ class Transformer(nn.Module):
         x = self.norm_f(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return (x @ head.t()).float()  # (B, T, V)
+
+    # the parts of forward that surround the blocks: the layer-streamed reference
+    # (exporter/references.py) runs the same ones around blocks it loads one at a time
+    def embed_input(self, e, position_ids):
+        """Token embedding rows e (B, T, D) -> the first block's input: times embed_scale, plus
+        sinusoidal positions (XGLM)."""
+        cfg = self.cfg
+        x = e * cfg.embed_scale
+        if cfg.positions == "sinusoidal":
+            x = x + self.pos_table[position_ids + cfg.sinusoidal_offset].to(x.dtype)
+        return x
+
+    def context(self, position_ids, cache, attention_mask=None):
+        """(rope, mask) shared by every block of one call: rope cos/sin tables (max_position, r/2) or None,
+        mask (B, 1, T, S) bool. Reads the cache's layout and length only."""
+        B, T = position_ids.shape
+        if cache.layout == "static":
+            q_slots, n_slots = position_ids, cache.max_seq
+        else:
+            P = cache.length
+            if attention_mask is None:
+                attention_mask = torch.ones(B, P + T, dtype=torch.long, device=position_ids.device)
+            q_slots = (P + torch.arange(T, device=position_ids.device)).expand(B, T)
+            n_slots = P + T
+        key_pos, key_valid = cache.key_positions(attention_mask)
+        mask = attention_mask_bool(self.cfg, position_ids, key_pos, key_valid, q_slots, n_slots)  # (B,1,T,S)
+        return self.rope(position_ids.device), mask
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transformer:

@@ -698,8 +698,9 @@ def test_a_row_no_prompt_reads_is_still_checked(tmp_path, capsys, monkeypatch):
     unseen = max(set(range(2, cfg.vocab_size)) - _fed_tokens(cfg, 32))
     real_write = export._write_graph
 
-    def corrupting_write(cfg_, weights, tmp, spec, log, model=None):
-        out = real_write(cfg_, weights, tmp, spec, log, model)
+    def corrupting_write(*args, **kw):
+        out = real_write(*args, **kw)
+        tmp = args[2]
         import onnx
 
         g = onnx.load(str(tmp / io_spec.ONNX_NAME), load_external_data=False)
@@ -709,6 +710,8 @@ def test_a_row_no_prompt_reads_is_still_checked(tmp_path, capsys, monkeypatch):
         b = bytearray(path.read_bytes())
         b[start + unseen * cfg.hidden_size * 4 + 2] ^= 0x40  # one float of row `unseen`
         path.write_bytes(bytes(b))
+        # a broken *writer*: the digests it records describe the bytes it wrote
+        out[3].files[path.name] = {"bytes": len(b), "sha256": hashlib.sha256(bytes(b)).hexdigest()}
         return out
 
     monkeypatch.setattr(export, "_write_graph", corrupting_write)

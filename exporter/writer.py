@@ -1,0 +1,274 @@
+"""Writing model.onnx (+ model.onnx.data) one tensor at a time.
+
+    write_onnx(model, inits, path, external=..., on_tensor=None, jobs=None) -> Written
+
+Embedded (below 2 GB): the protobuf wire format written by hand (field tags and lengths computed
+from the tensor sizes, then the raw bytes), so the weights never sit in a protobuf object; it
+parses to the same ModelProto as the model with the initializers appended (protobuf fields may
+come in any order: the graph field is written last). External: each weight goes to
+model.onnx.data at an aligned offset (data_alignment) and the graph, written last, refers to it.
+
+Each file's sha256 is computed from the bytes as they go out (the manifest needs no second
+read). With a `jobs` worker (Jobs, a background thread), the digest and on_tensor(t, path,
+offset) run there, in order, while this thread prepares and writes the next tensor: the
+exporter's per-tensor check and page release then overlap with the writing (two cores).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvtrace import io_spec
+from kvtrace.errors import KvtraceError
+
+TWO_GB = 2 * 1024**3
+DATA_NAME = io_spec.ONNX_NAME + ".data"
+
+# external data layout: a tensor of at least ALIGN_BIG_FROM bytes starts at a multiple of
+# ALIGN_BIG, smaller ones at multiples of ALIGN_SMALL. onnxruntime's CPU provider maps external
+# initializers into memory (mmap: file-backed pages, no anonymous copy). On Linux, onnxruntime
+# 1.32 maps at any offset (measured: a 64 MB MatMul weight at offsets 0, 7, 64, 4160 and 65536 is
+# mapped in every case: RssFile grows by 64 MB, RssAnon does not), rounding the mapping down to the
+# page itself; Windows maps only at multiples of its 64 KiB allocation granularity, onnxruntime's
+# own writer page-aligns tensors over 1 MiB, and aligned data keeps SIMD loads aligned. 64 KiB for
+# every large tensor serves all of them, at < 64 KiB of padding per large tensor.
+ALIGN_BIG, ALIGN_BIG_FROM, ALIGN_SMALL = 1 << 16, 1 << 20, 64
+
+
+def data_alignment(nbytes: int) -> int:
+    return ALIGN_BIG if nbytes >= ALIGN_BIG_FROM else ALIGN_SMALL
+
+
+def external_data_bytes(inits) -> int:
+    """Size of model.onnx.data for these initializers (padding included)."""
+    offset = 0
+    for t in inits:
+        offset += (-offset) % data_alignment(t.nbytes) + t.nbytes
+    return offset
+
+
+@dataclass
+class Written:
+    """What write_onnx wrote: total bytes; each file's {"bytes", "sha256"}; each initializer's
+    (file name, offset, length) in the file that holds its bytes."""
+    size: int
+    external: bool
+    files: dict
+    offsets: dict
+
+
+class Jobs:
+    """One background thread running submitted functions in order. At most `depth` wait (the
+    writer blocks beyond that, which bounds the memory they hold). The first exception is
+    raised again in the submitting thread (at the next submit or at finish)."""
+
+    def __init__(self, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, name="kvtrace-export-jobs", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            if self._error is None and not self._abort:
+                try:
+                    fn()
+                except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
+                    self._error = e
+
+    def _raise(self):
+        if self._error is not None:
+            e, self._error = self._error, None
+            self._abort = True
+            raise e
+
+    def submit(self, fn) -> None:
+        self._raise()
+        self._q.put(fn)
+
+    def finish(self) -> None:
+        """Wait for every submitted function; raise the first error."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop without running what is queued (after an error or an interrupt)."""
+        self._abort = True
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:  # the worker took nothing and something else filled it: it skips, then sees None
+            pass
+
+
+class _Inline:
+    """Jobs' interface, running each function at once (no worker thread)."""
+
+    def submit(self, fn):
+        fn()
+
+    def finish(self):
+        pass
+
+    def abort(self):
+        pass
+
+
+class _Out:
+    """A file written through a raw descriptor, its sha256 fed (through `jobs`, in order) with
+    every byte. Errors name the file (a full disk must say where)."""
+
+    def __init__(self, path: Path, jobs):
+        self.path, self.jobs = path, jobs
+        self.h = hashlib.sha256()
+        self.n = 0
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+
+    def write(self, b) -> None:
+        mv = memoryview(b).cast("B")
+        done = 0
+        try:
+            while done < len(mv):
+                done += os.write(self.fd, mv[done:done + (1 << 30)])
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        self.jobs.submit(lambda: self.h.update(mv))
+        self.n += len(mv)
+
+    def pad_to(self, align: int) -> None:
+        pad = (-self.n) % align
+        if pad:
+            self.write(bytes(pad))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def digest(self) -> dict:
+        return {"bytes": self.n, "sha256": self.h.hexdigest()}
+
+
+def _raw_bytes(arr: np.ndarray) -> memoryview:
+    """The raw bytes of a C-contiguous array (bf16 has no buffer format of its own)."""
+    return memoryview(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+# protobuf tags (field number << 3 | wire type 2 = length-delimited)
+_TAG_MODEL_GRAPH = _varint(7 << 3 | 2)  # ModelProto.graph
+_TAG_GRAPH_INITIALIZER = _varint(5 << 3 | 2)  # GraphProto.initializer
+_TAG_TENSOR_RAW = _varint(9 << 3 | 2)  # TensorProto.raw_data
+
+
+def _without_graph(model) -> bytes:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.ClearField("graph")
+    return m.SerializeToString()
+
+
+def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs=None) -> Written:
+    """Write `model` (graph without weights) plus `inits` to `path` (module docstring).
+    on_tensor(t, file_path, offset): after each tensor's bytes are in the file."""
+    from onnx import TensorProto
+
+    path = Path(path)
+    jobs = jobs or _Inline()
+    offsets = {}
+    outs = []
+
+    def tensor(f: _Out, t):
+        offset = f.n
+        arr = t.data()
+        if arr.nbytes != t.nbytes:
+            raise KvtraceError(f"internal error: weight {t.name} has {arr.nbytes} bytes, its declaration "
+                               f"{t.nbytes}")
+        f.write(_raw_bytes(arr))
+        del arr
+        offsets[t.name] = (f.path.name, offset, t.nbytes)
+        if on_tensor is not None:
+            jobs.submit(lambda: on_tensor(t, f.path, offset))
+
+    try:
+        if external:
+            f = _Out(path.with_name(DATA_NAME), jobs)
+            outs.append(f)
+            metas = []
+            for t in inits:
+                f.pad_to(data_alignment(t.nbytes))
+                m = t.meta()
+                m.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", DATA_NAME), ("offset", str(f.n)), ("length", str(t.nbytes))):
+                    e = m.external_data.add()
+                    e.key, e.value = k, v
+                metas.append(m)
+                tensor(f, t)
+            model.graph.initializer.extend(metas)
+            try:
+                blob = model.SerializeToString()
+            finally:
+                del model.graph.initializer[len(model.graph.initializer) - len(metas):]
+            g = _Out(path, jobs)
+            outs.append(g)
+            g.write(blob)
+            total = len(blob) + f.n
+        else:
+            graph_bytes = model.graph.SerializeToString()  # nodes, I/O, small constants
+            entries = []
+            graph_len = len(graph_bytes)
+            for t in inits:
+                meta = t.meta().SerializeToString()
+                entry_len = len(meta) + len(_TAG_TENSOR_RAW) + len(_varint(t.nbytes)) + t.nbytes
+                entries.append((t, meta, entry_len))
+                graph_len += len(_TAG_GRAPH_INITIALIZER) + len(_varint(entry_len)) + entry_len
+            # ModelProto: fields in any order; the graph field is written last
+            head_wo_graph = _without_graph(model)
+            total = len(head_wo_graph) + len(_TAG_MODEL_GRAPH) + len(_varint(graph_len)) + graph_len
+            if total >= TWO_GB:
+                raise KvtraceError("model.onnx would exceed protobuf's 2 GB limit; use --external-data")
+            f = _Out(path, jobs)
+            outs.append(f)
+            f.write(head_wo_graph)
+            f.write(_TAG_MODEL_GRAPH + _varint(graph_len))
+            f.write(graph_bytes)
+            for t, meta, entry_len in entries:
+                f.write(_TAG_GRAPH_INITIALIZER + _varint(entry_len) + meta + _TAG_TENSOR_RAW + _varint(t.nbytes))
+                tensor(f, t)
+        jobs.finish()
+    except BaseException:
+        jobs.abort()
+        raise
+    finally:
+        for o in outs:
+            o.close()
+    return Written(total, external, {o.path.name: o.digest() for o in outs}, offsets)

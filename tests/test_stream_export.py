@@ -1,0 +1,262 @@
+"""Streamed export of checkpoints (models/stream.py, exporter/verify.py, validate_streamed):
+sharded checkpoints of every architecture, split mid-layer, export to the same bytes as the
+in-memory path and pass validation (full and bounded); each check can fail; the strict checks
+are the loader's."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers", reason="transformers builds the tiny reference checkpoints")
+
+from kvtrace import cli  # noqa: E402
+from kvtrace.errors import KvtraceError, ParityFailure  # noqa: E402
+from kvtrace.exporter import onnx_graph  # noqa: E402
+from kvtrace.exporter.export import export_checkpoint, export_model  # noqa: E402
+from kvtrace.manifest import load_manifest  # noqa: E402
+from kvtrace.models.checkpoint import load_checkpoint  # noqa: E402
+from tests import tiny_hf  # noqa: E402
+
+QUIET = dict(log=lambda m: None)
+# one variant per architecture, with each one's fixup: GPT-NeoX's fused per-head qkv (and
+# parallel residual), Llama's GQA with a tied head, StarCoder2's biases and window, XGLM's
+# scaled embeddings and sinusoidal positions
+VARIANTS = ["neox_parallel_r025", "llama_gqa_linear_tied", "starcoder2_gqa_window_bias", "xglm_scaled"]
+
+
+def shard(src: Path, dst: Path, n: int = 3) -> Path:
+    """Copy checkpoint `src` to `dst` as n shards + index, in state-dict order (layer by layer),
+    cut by bytes so that the cuts fall inside layers."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+
+    def order(name):  # embedding, layers in order, then the rest (what save_pretrained shards by)
+        m = re.search(r"layers\.(\d+)\.", name)
+        return (1, int(m.group(1)), name) if m else ((0, 0, name) if "embed" in name else (2, 0, name))
+
+    names = sorted(tensors, key=order)
+    total = sum(tensors[k].nbytes for k in names)
+    groups, cur, size = [], [], 0
+    for k in names:
+        cur.append(k)
+        size += tensors[k].nbytes
+        if size >= total * (len(groups) + 1) / n and len(groups) < n - 1:
+            groups.append(cur)
+            cur = []
+    groups.append(cur)
+    wmap = {}
+    for i, g in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k] for k in g}, dst / fname, metadata={"format": "pt"})
+        wmap.update({k: fname for k in g})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    layers_of = [{m.group(1) for k in g if (m := re.search(r"layers\.(\d+)\.", k))} for g in groups]
+    assert any(a & b for a, b in zip(layers_of, layers_of[1:])), "no cut inside a layer"
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    return {v: shard(tiny_hf.checkpoint(v), root / v) for v in VARIANTS}
+
+
+def _files(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith("model.onnx")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sharded_streamed_export_matches_in_memory_path(variant, sharded, tmp_path):
+    """Same bytes as exporting the model loaded by the torch loader from the unsharded
+    checkpoint; full validation passes; the manifest's digest is the loader's."""
+    ck = sharded[variant]
+    out = export_checkpoint(ck, tmp_path / "streamed", max_seq=32, **QUIET)
+    loaded = load_checkpoint(tiny_hf.checkpoint(variant))
+    ref = export_model(loaded.model, tmp_path / "loaded", max_seq=32, validate=False, **QUIET)
+    assert _files(out) == _files(ref)
+    man = load_manifest(out)
+    v = man["validation"]
+    assert v["mode"] == "full" and v["layers"] == loaded.config.n_layers
+    assert v["max_abs"] <= 1e-4 and v["initializers"]["checked"] == len(onnx_graph.build(
+        loaded.config, dict(loaded.model.state_dict()), max_seq=32)[1])
+    assert man["source"]["sha256"] == load_checkpoint(ck).digest
+    assert man["files"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("variant", ["neox_parallel_r025", "xglm_scaled"])
+def test_sharded_external_fp16_bounded(variant, sharded, tmp_path):
+    """fp16 with external data and the bounded validation: the truncated graph reads the
+    artifact's own data file (hard link) and the data file equals the in-memory path's."""
+    ck = sharded[variant]
+    out = export_checkpoint(ck, tmp_path / "a", dtype="float16", max_seq=32,
+                            validation="bounded", **QUIET)
+    loaded = load_checkpoint(tiny_hf.checkpoint(variant))
+    ref = export_model(loaded.model, tmp_path / "b", dtype="float16", max_seq=32,
+                       validate=False, **QUIET)
+    assert _files(out) == _files(ref)
+    v = load_manifest(out)["validation"]
+    assert v["mode"] == "bounded" and v["layers"] == 2 and "own weight bytes" in v["method"]
+    assert v["whole_graph"]["finite"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["kvtrace.json", "model.gpu.onnx", "model.onnx", "model.onnx.data"]
+    # every data offset of a large tensor is aligned for memory mapping
+    import onnx
+
+    inits = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
+    external = [i for i in inits if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) > 10
+    for init in external:
+        ext = {e.key: e.value for e in init.external_data}
+        assert int(ext["offset"]) % (1 << 16 if int(ext["length"]) >= 1 << 20 else 64) == 0
+
+
+def test_bf16_bounded(sharded, tmp_path):
+    out = export_checkpoint(sharded["llama_gqa_linear_tied"], tmp_path / "a", dtype="bfloat16", max_seq=32,
+                            validation="bounded", **QUIET)
+    v = load_manifest(out)["validation"]
+    assert "fp32 twin" in v["method"] and "bfloat16" in v["whole_graph"]["skipped"]
+
+
+def test_auto_picks_bounded_when_memory_is_short(sharded, tmp_path, monkeypatch, capsys):
+    from kvtrace import files
+
+    monkeypatch.setattr(files, "available_memory", lambda: (1000, "test"))
+    rc = cli.main(["export", "--checkpoint", str(sharded["starcoder2_gqa_window_bias"]), "--max-seq", "32",
+                   "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "bounded validation (auto" in err and "whole graph not run" in err
+    v = load_manifest(tmp_path / "a")["validation"]
+    assert v["mode"] == "bounded" and v["layers"] == 1 and "skipped" in v["whole_graph"]
+
+
+# ------------------------------------------------------------------------------ checks fail
+def _entries(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_weight_written_wrong_fails_the_byte_check(sharded, tmp_path, capsys, monkeypatch):
+    """One weight transposed wrong by the builder: the byte check names it (exit 1), nothing left."""
+    real = onnx_graph.transposed
+    calls = []
+
+    def wrong(a, out=None, block=64):
+        calls.append(1)
+        r = real(a, out, block)
+        if len(calls) == 3:
+            r[0, 0] += 1
+        return r
+
+    monkeypatch.setattr(onnx_graph, "transposed", wrong)
+    out = tmp_path / "out"
+    rc = cli.main(["export", "--checkpoint", str(sharded["llama_gqa_linear_tied"]), "--max-seq", "32",
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "check failed: model.onnx.data: initializer 'layers.0.attn.qkv.weight'" in err and "differs from what its checkpoint tensor becomes" in err
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("validation", ["full", "bounded"])
+def test_wrong_graph_fails_numerically(sharded, tmp_path, monkeypatch, validation):
+    """The weights are right (the byte check passes) but the graph computes the wrong activation:
+    the layer-streamed reference catches it in both modes."""
+    monkeypatch.setattr(onnx_graph.ModelGraph, "act", lambda self, x: self.g.op("Relu", [x]))
+    with pytest.raises(ParityFailure, match="differs from the reference"):
+        export_checkpoint(sharded["neox_parallel_r025"], tmp_path / "out", max_seq=32, validation=validation,
+                          **QUIET)
+    assert _entries(tmp_path) == []
+
+
+def test_streamed_checks_are_the_loaders(tmp_path, capsys):
+    """A tensor of the wrong shape in a shard: the same message as load_checkpoint's."""
+    from safetensors.numpy import load_file, save_file
+
+    ck = shard(tiny_hf.checkpoint("llama_mha"), tmp_path / "ck")
+    shard2 = ck / "model-00002-of-00003.safetensors"
+    t = load_file(shard2)
+    name = next(k for k in t if k.endswith("up_proj.weight"))
+    t[name] = t[name][:-1]
+    save_file(t, shard2, metadata={"format": "pt"})
+    with pytest.raises(KvtraceError) as e:
+        load_checkpoint(ck)
+    rc = cli.main(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(e.value) in err and name in err
+    assert _entries(tmp_path) == ["ck"]
+
+
+def test_stored_tied_head_must_equal_embedding(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_hf.checkpoint("starcoder2_nobias"), ck)
+    t = load_file(ck / "model.safetensors")
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
+    export_checkpoint(ck, tmp_path / "ok", max_seq=32, validate=False, **QUIET)
+    t["lm_head.weight"][5, 3] += 1
+    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KvtraceError, match=r"'lm_head\.weight' differs from the embedding"):
+        export_checkpoint(ck, tmp_path / "bad", max_seq=32, validate=False, **QUIET)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_release_drops_mapped_pages(tmp_path):
+    """After release(), the pages of the tensors read are no longer resident in this process."""
+    from kvtrace.files import rss_mb
+    from kvtrace.models.checkpoint import open_checkpoint
+    from kvtrace.models.stream import CheckpointWeights
+
+    from safetensors.numpy import save_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_hf.checkpoint("llama_mha"), ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["vocab_size"] = 131072  # a 32 MiB embedding: large enough to see in RSS
+    (ck / "config.json").write_text(json.dumps(cfg))
+    from safetensors.numpy import load_file
+
+    t = load_file(ck / "model.safetensors")
+    rng = np.random.default_rng(0)
+    t["model.embed_tokens.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
+    t["lm_head.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
+    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
+    w = CheckpointWeights(open_checkpoint(ck))
+    before = rss_mb()["file"]
+    a = w["embed.weight"]
+    float(a.sum())  # touch every page
+    touched = rss_mb()["file"]
+    del a
+    w.release()
+    after = rss_mb()["file"]
+    w.close()
+    assert touched - before > 25 and touched - after > 25, (before, touched, after)
+
+
+def test_pickle_checkpoint_streams_like_safetensors(tmp_path):
+    """--allow-pickle checkpoints go through the same streamed path (torch.load(mmap=True))."""
+    import torch
+    from safetensors.torch import load_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_hf.checkpoint("neox_parallel_r025"), ck)
+    torch.save(load_file(ck / "model.safetensors"), ck / "pytorch_model.bin")
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(KvtraceError, match="--allow-pickle"):
+        export_checkpoint(ck, tmp_path / "refused", max_seq=32, **QUIET)
+    out = export_checkpoint(ck, tmp_path / "a", max_seq=32, allow_pickle=True, **QUIET)
+    ref = export_checkpoint(tiny_hf.checkpoint("neox_parallel_r025"), tmp_path / "b", max_seq=32, validate=False,
+                            **QUIET)
+    assert _files(out) == _files(ref)
+    assert load_manifest(out)["source"]["sha256"] == load_checkpoint(ck, allow_pickle=True).digest
