@@ -93,7 +93,31 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"max_abs": 1e-4, "max_rel": 1e-4, "top1": 0.99},
     "float16": {"max_abs": 0.01, "max_rel": 0.2, "top1": 0.99},
     "bfloat16": {"max_abs": 0.08, "max_rel": 0.8, "top1": 0.95},
-    # "int8": {...}, "int4": {...}  (see above)
+    # quantised artifacts: see QUANT TOLERANCES below
+    "int8": {"max_abs": 0.05, "max_rel": 0.05, "top1": 0.95},
+    "int4": {"max_abs": 0.05, "max_rel": 0.05, "top1": 0.95},
+    "int8" + ":unquantized": {"max_abs": 1.0, "max_rel": 1.0, "top1": 0.5},
+    "int4" + ":unquantized": {"max_abs": 10.0, "max_rel": 10.0, "top1": 0.0},
 }
+UNQUANTIZED = ":unquantized"  # suffix of the rows judging a quantised artifact against unquantised weights
+
+
+def tolerance_key(dtype: str, quant: str | None = None, unquantized: bool = False) -> str:
+    """The TOLERANCES row of an artifact: its quantisation scheme when quantised (the row's bound
+    covers the fp16 compute of an --fp16 quantised artifact too), else its dtype."""
+    if quant is None:
+        return dtype
+    return quant + (UNQUANTIZED if unquantized else "")
+
+
+def tolerance_for(manifest: dict, unquantized: bool = False) -> tuple[str, dict]:
+    """(row name, row) for a manifest dict (its "quant" entry, else its dtype)."""
+    q = manifest.get("quant") or {}
+    key = tolerance_key(manifest["dtype"], q.get("scheme"), unquantized)
+    if key not in TOLERANCES:
+        from kvtrace.errors import KvtraceError
+
+        raise KvtraceError(f"manifest dtype/quant {key!r}: no tolerance in configs.TOLERANCES")
+    return key, TOLERANCES[key]
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

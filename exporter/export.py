@@ -175,8 +175,8 @@ def skeleton(model, inits):
 
 
 # ----------------------------------------------------------------------------- export
-def default_out(arch: str, dtype: str, layout: str) -> Path:
-    return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
+def default_out(arch: str, dtype: str, layout: str, quant: str | None = None) -> Path:
+    return Path(f"kvtrace-{arch}-{quant + '-' if quant else ''}{SHORT_DTYPE[dtype]}-{layout}")
 
 
 TARGETS = ("cpu", "gpu")
@@ -195,10 +195,31 @@ class ExportSpec:
     target: str = "cpu"  # "gpu": also model.gpu.onnx (exporter/gpu_form.py), sharing the weight file
     external_data: bool = False
     validate: bool = True
+    # weight-only quantisation (exporter/quantize.py): "int8" | "int4" | None, with its group size,
+    # rounding method and onnxruntime accuracy level (defaults filled in by make())
+    quant: str | None = None
+    group_size: int | None = None
+    quant_method: str | None = None
+    accuracy_level: int | None = None
+
+    @property
+    def quant_spec(self):
+        """The checked quantisation scheme (exporter/quantize.py QuantSpec), or None."""
+        if self.quant is None:
+            return None
+        from kvtrace.exporter.quantize import QuantSpec
+
+        return QuantSpec(self.quant, self.group_size, self.quant_method, self.accuracy_level)
 
     @classmethod
     def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
-             attend="used", target="cpu", external_data=False, validate=True) -> "ExportSpec":
+             attend="used", target="cpu", external_data=False, validate=True, quant=None, group_size=None,
+             quant_method=None, accuracy_level=None) -> "ExportSpec":
+        if quant is None:
+            for opt, v in (("--group-size", group_size), ("--quant-method", quant_method),
+                           ("--accuracy-level", accuracy_level)):
+                if v is not None:
+                    raise KvtraceError(f"{opt} {v}: only with --quant int8|int4")
         if target not in TARGETS:
             raise KvtraceError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
         if target == "gpu" and layout != "static":
@@ -212,6 +233,13 @@ class ExportSpec:
         onnx_graph.check_options(cfg, dtype=spec.dtype, layout=spec.layout, max_seq=spec.max_seq, opset=spec.opset)
         if not isinstance(spec.max_batch, int) or spec.max_batch < 1:
             raise KvtraceError(f"--max-batch {spec.max_batch!r}: must be a positive integer")
+        if quant is not None:
+            from kvtrace.exporter.quantize import QuantSpec
+
+            q = QuantSpec.make(cfg, quant, group_size=group_size, method=quant_method, accuracy_level=accuracy_level,
+                               dtype=spec.dtype, opset=spec.opset)
+            spec = dataclasses.replace(spec, quant=q.scheme, group_size=q.group_size, quant_method=q.method,
+                                       accuracy_level=q.accuracy_level)
         return spec
 
 
@@ -225,23 +253,30 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
     run (the model is unusable afterwards), so onnxruntime's validation does not sit beside them.
     """
     spec = ExportSpec.make(model.cfg, **options)
-    reference = None
+    reference = accuracy_reference = None
     if spec.validate:
-        from kvtrace.exporter.references import TorchReference
+        from kvtrace.exporter.references import TorchReference, quantized_reference
 
         reference = TorchReference(model, {"kind": "export", "dtype": "float32"})
+        if spec.quant is not None:  # judged against the same weights quantised; accuracy against the original
+            reference, accuracy_reference = quantized_reference(reference, spec.quant_spec, spec.dtype), reference
     return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
                            source=source, force=force, log=log,
-                           release=(lambda: _release(model)) if release_weights else None)
+                           release=(lambda: _release(model)) if release_weights else None,
+                           accuracy_reference=accuracy_reference)
 
 
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
-                    source: dict | None = None, force: bool = False, log=None, release=None) -> Path:
+                    source: dict | None = None, force: bool = False, log=None, release=None,
+                    accuracy_reference=None) -> Path:
     """Write the artifact for (cfg, weights) to `out_dir`: graph, tokenizer, manifest, validation.
 
     weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing.
     reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), required when
-    spec.validate. release(): called once the reference has run and the weights are written.
+    spec.validate; for a quantised export, the model with the artifact's quantised weights
+    (references.quantized_reference), and accuracy_reference (optional) the unquantised model,
+    whose agreement with the artifact is reported (not judged) in the manifest.
+    release(): called once the reference has run and the weights are written.
     tokenizer: None, a path to a tokenizer.json to copy, or "builtin-bytes".
     Raises KvtraceError (bad options, unwritable output) or ParityFailure (validation); in both
     cases nothing is left at `out_dir` or beside it.
@@ -264,7 +299,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         gpu_sk = None
         if spec.target == "gpu":
             gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, dtype=spec.dtype, max_seq=spec.max_seq,
-                                              opset=spec.opset)
+                                              opset=spec.opset, quant=spec.quant_spec)
             log(f"wrote {gpu_form.GPU_ONNX_NAME} (attention over the whole cache, weights shared)")
         tok = _copy_tokenizer(tok_path, tokenizer, tmp)
         manifest = _manifest(cfg, spec, graph_info, external, tok, source)
@@ -277,7 +312,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
 
             manifest["validation"] = validate.validate_artifact(
                 tmp, graph, inits, cfg, weights, reference, spec=spec, release=release,
-                log=lambda m: log("validate: " + m))
+                log=lambda m: log("validate: " + m), accuracy_reference=accuracy_reference)
             if gpu_sk is not None:
                 manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME)
                 log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
@@ -301,7 +336,12 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log):
     """Build the graph and stream the weights into tmp/model.onnx (+ .data)."""
     t0 = time.perf_counter()
     graph, inits, graph_info = onnx_graph.build(cfg, weights, dtype=spec.dtype, layout=spec.layout,
-                                                max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend)
+                                                max_seq=spec.max_seq, opset=spec.opset, attend=spec.attend,
+                                                quant=spec.quant_spec)
+    if spec.quant is not None:
+        for name, k in spec.quant_spec.ragged(cfg).items():
+            log(f"note: {name}: K={k} is not a multiple of --group-size {spec.group_size}, its last group is "
+                f"{k % spec.group_size} wide; onnxruntime runs this, TensorRT does not (`kvtrace build` refuses it)")
     n_bytes = sum(t.nbytes for t in inits)
     external = spec.external_data or n_bytes + (1 << 20) >= TWO_GB
     log(f"built graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
@@ -341,6 +381,7 @@ def _manifest(cfg, spec: ExportSpec, graph_info: dict, external: bool, tok, sour
                        "pad_token_id": cfg.pad_token_id},
         "source": dict(source or {}),
         "graph": graph_info,
+        **({"quant": spec.quant_spec.manifest(cfg)} if spec.quant is not None else {}),
         "validation": None,
     }
 
@@ -380,6 +421,18 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check against the reference")
+    q = p.add_argument_group("weight-only quantisation (docs/quantization.md)")
+    q.add_argument("--quant", choices=("int8", "int4"),
+                   help="store the linear layers' weights as int8/int4 with group-wise scales (the embedding as "
+                        "uint8); activations and the KV cache stay in the compute dtype")
+    q.add_argument("--group-size", type=int,
+                   help="input channels sharing one scale: a power of two >= 16 (default 32 for int4, 128 for int8)")
+    q.add_argument("--quant-method", choices=("rtn", "search"),
+                   help="rounding: rtn (max|w| scale) or search (per-group scale search minimising the squared "
+                        "error; default for int4)")
+    q.add_argument("--accuracy-level", type=int,
+                   help="onnxruntime MatMulNBits compute type recorded in the manifest: 4 int8 (default, fast), "
+                        "1 fp32 (exact, slower)")
     p.add_argument("--target", choices=TARGETS, default="cpu",
                    help="gpu: also write model.gpu.onnx, the form with value-independent shapes that "
                         "onnxruntime-cuda and TensorRT use (CUDA graphs); implies --external-data")
@@ -420,11 +473,14 @@ def main(args) -> int:
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
     spec = ExportSpec.make(cfg, dtype=dtype, layout=layout, max_seq=args.max_seq, max_batch=args.max_batch,
                            opset=args.opset, target=args.target, external_data=args.external_data,
-                           validate=not args.no_validate)
+                           validate=not args.no_validate, quant=getattr(args, "quant", None),
+                           group_size=getattr(args, "group_size", None),
+                           quant_method=getattr(args, "quant_method", None),
+                           accuracy_level=getattr(args, "accuracy_level", None))
     if model is None:  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)
     _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")
-    out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout)
+    out = Path(args.out) if args.out else default_out(cfg.arch, dtype, layout, spec.quant)
     export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
                  **dataclasses.asdict(spec))
     _log(f"done in {time.perf_counter() - t0:.1f}s (peak RSS {files.peak_rss_mb():.0f} MB)")

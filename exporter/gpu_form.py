@@ -46,12 +46,12 @@ def drop_attention_attribute(model, name: str = "softmax_precision") -> list[str
     return changed
 
 
-def build(cfg, weights, *, dtype: str, max_seq: int, opset: int):
+def build(cfg, weights, *, dtype: str, max_seq: int, opset: int, quant=None):
     """-> (ModelProto without weights, [Initializer], graph description) of the GPU form."""
     from kvtrace.exporter import onnx_graph
 
     model, inits, info = onnx_graph.build(cfg, weights, dtype=dtype, layout="static", max_seq=max_seq,
-                                          opset=opset, attend="full")
+                                          opset=opset, attend="full", quant=quant)
     dropped = drop_attention_attribute(model, "softmax_precision")
     info = {**info, "softmax_precision": "dropped" if dropped else "absent"}
     return model, inits, info
@@ -70,7 +70,7 @@ def _external_metas(onnx_path: Path) -> dict:
     return out
 
 
-def write(cfg, weights, out_dir: Path, *, dtype: str, max_seq: int, opset: int) -> tuple[dict, object]:
+def write(cfg, weights, out_dir: Path, *, dtype: str, max_seq: int, opset: int, quant=None) -> tuple[dict, object]:
     """Write out_dir/model.gpu.onnx, its weights referring to out_dir/model.onnx.data (which
     must exist: the export writes model.onnx with external data first).
 
@@ -78,7 +78,7 @@ def write(cfg, weights, out_dir: Path, *, dtype: str, max_seq: int, opset: int) 
     from kvtrace.exporter.export import skeleton
 
     out_dir = Path(out_dir)
-    model, inits, info = build(cfg, weights, dtype=dtype, max_seq=max_seq, opset=opset)
+    model, inits, info = build(cfg, weights, dtype=dtype, max_seq=max_seq, opset=opset, quant=quant)
     metas = _external_metas(out_dir / io_spec.ONNX_NAME)
     refs = []
     for t in inits:

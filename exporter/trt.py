@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -114,6 +115,35 @@ def layer_counts(trt, network) -> dict[str, int]:
     return out
 
 
+def weight_only_gemms(layers_text: str) -> dict[str, int]:
+    """From the builder's engine layer list (logged at VERBOSE with DETAILED profiling verbosity):
+    how the quantised matrices were built. "fused": kernels that run the GEMM on INT4/INT8 weights
+    directly (a runtime fusion ending in "Fc" whose constants are INT4/INT8: weight-only GEMM);
+    "dequantized": kernels that first expand INT4/INT8 constants to a float temporary (a
+    CastMulCast kernel), after which a plain GEMM runs. Counted in the first profile only."""
+    fused = dequantized = 0
+    seen = set()
+    for line in layers_text.splitlines():
+        if not line.startswith("Name: "):
+            continue
+        name = line[6:line.find(",")]
+        if "[profile" in name and "[profile 0]" not in name:
+            continue
+        consts = line.split("Constants:", 1)[1].split("Outputs:", 1)[0] if "Constants:" in line else ""
+        if "Datatype: Int4" not in consts and "Datatype: Int8" not in consts:
+            continue
+        base = re.sub(r"_myl\d+_\d+$", "", name)  # __myl_ReplCastMulCastFc_myl4_2 -> __myl_ReplCastMulCastFc
+        key = (base, line.split("Metadata:", 1)[-1])
+        if key in seen:
+            continue
+        seen.add(key)
+        if "Fc" in base:
+            fused += 1
+        elif "CastMulCast" in base:
+            dequantized += 1
+    return {"fused": fused, "dequantized": dequantized}
+
+
 def _attention_layers(trt, network):
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -159,6 +189,12 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
     if optimization_level is not None and not 0 <= optimization_level <= 5:
         raise KvtraceError(f"--optimization-level {optimization_level}: expected 0..5")
 
+    quant = data.get("quant")
+    if quant and quant.get("ragged"):
+        name, k = next(iter(quant["ragged"].items()))
+        raise KvtraceError(f"{d}: TensorRT cannot build this quantised artifact: {name} has K={k}, not a multiple of "
+                           f"its --group-size {quant['group_size']} (TensorRT's DequantizeLinear needs whole blocks); "
+                           f"re-export with a --group-size that divides {k}, or run it with onnxruntime")
     logger = TrtLogger(trt, log_level)
     builder = trt.Builder(logger)
     onnx_file = manifest.onnx_path
@@ -171,6 +207,8 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
             attn.decomposable = True  # no fp32 fused kernel: let the builder split it
 
     config = builder.create_builder_config()
+    if quant:  # the engine's layer list (logged by the builder) tells which GEMMs are weight-only
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if ccs and flv == "tensorrt_rtx":
         config.num_compute_capabilities = len(ccs)
         for i, cc in enumerate(ccs):
@@ -230,6 +268,8 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
         "build_seconds": round(seconds, 3),
         "layers": layers,
     }
+    if quant:
+        section["quantized_gemms"] = weight_only_gemms(logger.layers_text)
     data["tensorrt"] = section
     write_manifest(d, data)
     return {**section, "engine_path": str(engine_path)}
@@ -269,11 +309,16 @@ def main(args) -> int:
     if args.json:
         print(json.dumps({"layers": layers, "engine": res["engine_path"], "build_seconds": res["build_seconds"],
                           "flavour": res["flavour"], "version": res["version"],
-                          "compute_capabilities": res["compute_capabilities"]}))
+                          "compute_capabilities": res["compute_capabilities"],
+                          **({"quantized_gemms": res["quantized_gemms"]} if "quantized_gemms" in res else {})}))
         return 0
     print(f"kvtrace: built {res['engine_path']} with {res['flavour']} {res['version']} for "
           f"{', '.join(res['compute_capabilities'])} in {res['build_seconds']:.1f} s "
           f"(batch <= {res['limits']['max_batch']}, <= {res['limits']['max_seq']} tokens per call)")
+    if "quantized_gemms" in res:
+        qg = res["quantized_gemms"]
+        print(f"  quantised matrices: {qg['fused']} weight-only GEMM(s) on INT4/INT8 weights, {qg['dequantized']} "
+              "dequantised to a float temporary per call")
     if args.inspect:
         width = max(len(k) for k in layers)
         for name, n in layers.items():

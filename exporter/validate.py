@@ -48,7 +48,7 @@ def validation_prompts(cfg, max_seq: int) -> tuple[list[list[int]], int]:
 
 
 def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference, *, spec, release=None,
-                      log=print) -> dict:
+                      log=print, accuracy_reference=None) -> dict:
     """Check the artifact being written at `art` (manifest included); returns the manifest's
     "validation" entry or raises ParityFailure / KvtraceError naming the artifact."""
     from kvtrace.exporter.export import DATA_NAME, skeleton
@@ -70,36 +70,58 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     if hasattr(reference, "close"):
         reference.close()
     log(f"reference model run ({trace.seconds:.1f}s)")
+    accuracy_trace = None
+    if accuracy_reference is not None:  # a quantised export: also the unquantised model, reported
+        accuracy_trace = parity.record(accuracy_reference, prompts, steps)
+        if hasattr(accuracy_reference, "close"):
+            accuracy_reference.close()
     run_dir, method = art, "onnxruntime-cpu through kvtrace.runtime"
     if spec.dtype == "bfloat16":
         run_dir = _bf16_twin(art, cfg, weights, spec)
         method += ", fp32 twin graph of the bf16-rounded weights"
     if release is not None:
         release()
+    key = configs.tolerance_key(spec.dtype, spec.quant)
+    tol = configs.TOLERANCES[key]
+    accuracy = None
     try:
-        report = _replay(run_dir, trace, configs.TOLERANCES[spec.dtype])
+        report = _replay(run_dir, trace, tol, quantized=spec.quant is not None)
+        if accuracy_trace is not None:
+            acc = _replay(run_dir, accuracy_trace, configs.TOLERANCES[key + configs.UNQUANTIZED],
+                          quantized=True)["summary"]
+            accuracy = {"reference": "kvtrace torch model (fp32), unquantised weights", "kl_mean": acc["kl_mean"],
+                        "top1": acc["top1"], "top1_strict": acc["top1_strict"], "max_rel": acc["max_rel"],
+                        "positions": acc["positions"]}
     finally:
         if run_dir != art:
             shutil.rmtree(run_dir, ignore_errors=True)
     log(f"onnxruntime vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
+    if accuracy is not None:
+        log(f"quantisation vs the unquantised model: KL {accuracy['kl_mean']:.3g} nats/token, top-1 "
+            f"{'n/a' if accuracy['top1'] is None else format(accuracy['top1'], '.3f')} (reported, not judged)")
     for note in report["notes"]:
         log(f"note: {note}")
     if not report["passed"]:
         raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
                             f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
-                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]})")
+                            f"{key}: {tol})")
     s = report["summary"]
-    return {"method": method, "reference": "kvtrace torch model (fp32)", "harness": "kvtrace.runtime.parity",
-            "prompt_lengths": [len(p) for p in prompts], "steps": steps,
-            "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"], "top1_strict": s["top1_strict"],
-            "decisive_positions": s["decisive"], "positions": s["positions"], "notes": report["notes"]}
+    ref_name = "kvtrace torch model (fp32)" + (" with the artifact's quantised weights" if spec.quant else "")
+    out = {"method": method, "reference": ref_name, "harness": "kvtrace.runtime.parity",
+           "prompt_lengths": [len(p) for p in prompts], "steps": steps, "tolerance": key,
+           "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"], "top1_strict": s["top1_strict"],
+           "decisive_positions": s["decisive"], "positions": s["positions"], "notes": report["notes"]}
+    if accuracy is not None:
+        out["accuracy_vs_unquantized"] = accuracy
+    return out
 
 
-def _replay(run_dir: Path, trace, tol: dict) -> dict:
+def _replay(run_dir: Path, trace, tol: dict, quantized: bool = False) -> dict:
     from kvtrace.runtime.model import Model
 
-    # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two
-    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=False)
+    # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two (a quantised
+    # graph keeps it: its low-bit kernel without prepacking is slow and holds more, not less)
+    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=quantized)
     try:
         return parity.judge(parity.replay(m, trace), tol)
     finally:

@@ -52,6 +52,8 @@ MIN_ORT_GPU = (1, 31, 1)
 CPU_FALLBACK_OFF = "session.disable_cpu_ep_fallback"  # session config: no node may go to the CPU
 RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"  # session config: keep node placement
 GRAPH_ID = "gpu_graph_id"  # run config: which captured CUDA graph a run is (-1: never capture)
+# session config: compute type of the MatMulNBits that DequantizeLinear + MatMul fuse into
+QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 
 class Backend(Protocol):
@@ -286,6 +288,10 @@ class OrtBackend:
             raise KvtraceError(f"CUDA graphs need the GPU form of the graph (static cache, attention over the whole "
                                f"cache); {onnx_file.name} has attend={attend!r}: export with --target gpu")
         capture = device == "cuda" and capturable and cuda_graph is not False
+        # a quantised artifact (manifest "quant"): the compute type of onnxruntime's fused low-bit
+        # MatMul, as exported (4: int8 activations per block, the fast one on CPU)
+        quant = _manifest_get(manifest, "quant", None) or {}
+        accuracy_level = quant.get("accuracy_level")
         if device == "cuda" and cuda_graph is None and not capturable:
             self.notes.append(f"CUDA graphs off: {onnx_file.name} has shapes that depend on input values "
                               f"(attend={attend!r}); export with --target gpu for the GPU form")
@@ -301,6 +307,8 @@ class OrtBackend:
                 so.intra_op_num_threads = int(threads)
             if not prepack:  # MLAS keeps no packed copy of the MatMul weights: one copy in memory, not two
                 so.add_session_config_entry("session.disable_prepacking", "1")
+            if accuracy_level is not None:
+                so.add_session_config_entry(QDQ_ACCURACY_LEVEL, str(int(accuracy_level)))
             return so
 
         self.placement = None

@@ -85,11 +85,14 @@ class TrtLogger:
             def __init__(self):
                 trt.ILogger.__init__(self)
                 self.errors: list[str] = []
+                self.layers_text = ""  # the builder's engine layer list (DETAILED profiling verbosity)
                 self.print_at = getattr(trt.ILogger.Severity, print_level)
 
             def log(self, severity, msg):
                 if severity <= trt.ILogger.Severity.ERROR:
                     self.errors.append(str(msg))
+                if str(msg).startswith("Layers:"):
+                    self.layers_text = str(msg)
                 if severity <= self.print_at:
                     print(f"[TensorRT] {msg}", flush=True)
 
