@@ -77,12 +77,12 @@ def divisors(bits: int, method: str) -> list[float]:
 def _store(s: np.ndarray, scale_dtype: str) -> np.ndarray:
     """Scales as they will be stored, back in float32: rounded to `scale_dtype`, and never 0
     (TensorRT wants positive scales; an all-zero group gets 1, its q being 0 anyway)."""
-    if scale_dtype == "float16":
-        tiny = np.float32(np.finfo(np.float16).tiny)
-        s = np.maximum(s, tiny).astype(np.float16).astype(np.float32)
+    s = np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
+    if scale_dtype == "float16":  # tiny scales stay normal fp16 numbers (the group's q shrink instead)
+        s = np.maximum(s, np.float32(np.finfo(np.float16).tiny)).astype(np.float16).astype(np.float32)
     elif scale_dtype != "float32":
         raise KvtraceError(f"scale dtype {scale_dtype!r}: expected float32 or float16")
-    return np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
+    return s
 
 
 def quantize(w: np.ndarray, bits: int, group: int, method: str = "rtn", scale_dtype: str = "float32"
@@ -192,7 +192,9 @@ class QuantSpec:
                                "path; use fp32 compute (CPU) or --fp16 (GPU)")
         if dtype not in ("float32", "float16"):
             raise KvtraceError(f"--quant {scheme}: compute dtype {dtype!r} must be float32 or float16")
-        g = DEFAULT_GROUP[scheme] if group_size is None else group_size
+        g = group_size
+        if g is None:  # the default, capped for small models by their smallest input dimension
+            g = min([DEFAULT_GROUP[scheme]] + [_largest_pow2_group(k) or MIN_GROUP for k in input_dims(cfg).values()])
         if not isinstance(g, int) or isinstance(g, bool) or g < MIN_GROUP or g & (g - 1):
             raise KvtraceError(f"--group-size {g!r}: must be a power of two >= {MIN_GROUP} (16, 32, 64, 128, ...)")
         m = DEFAULT_METHOD[scheme] if method is None else method

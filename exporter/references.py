@@ -114,7 +114,9 @@ def quantized_reference(ref: TorchReference, spec, dtype: str = "float32") -> To
     from kvtrace.exporter.quantize import describe, fake_quantize_model
 
     desc = {**ref.description, "weights": f"quantised as the artifact ({describe(spec)}, scales {dtype}), "
-                                          "dequantised to fp32"}
+                                          "dequantised to fp32",
+            "quant": {"scheme": spec.scheme, "group_size": spec.group_size, "method": spec.method,
+                      "scale_dtype": dtype}}
     return TorchReference(fake_quantize_model(ref.model, spec, dtype), desc)
 
 

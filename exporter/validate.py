@@ -86,6 +86,9 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     accuracy = None
     try:
         report = _replay(run_dir, trace, tol, quantized=spec.quant is not None)
+        if spec.quant is not None:  # and in fp32 arithmetic: exact up to rounding (runtime/parity.py)
+            parity.add_exact_check(report, _replay(run_dir, trace, configs.TOLERANCES[spec.dtype], quantized=True,
+                                                   accuracy_level=parity.EXACT_ACCURACY_LEVEL))
         if accuracy_trace is not None:
             acc = _replay(run_dir, accuracy_trace, configs.TOLERANCES[key + configs.UNQUANTIZED],
                           quantized=True)["summary"]
@@ -96,6 +99,10 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
         if run_dir != art:
             shutil.rmtree(run_dir, ignore_errors=True)
     log(f"onnxruntime vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
+    if "exact_check" in report:
+        ex = report["exact_check"]
+        log(f"exact check (accuracy level {ex['accuracy_level']}, fp32 arithmetic): max |Δlogit| {ex['max_abs']:.3g} "
+            f"(relative {ex['max_rel']:.3g}){'' if ex['passed'] else ' FAILED'}")
     if accuracy is not None:
         log(f"quantisation vs the unquantised model: KL {accuracy['kl_mean']:.3g} nats/token, top-1 "
             f"{'n/a' if accuracy['top1'] is None else format(accuracy['top1'], '.3f')} (reported, not judged)")
@@ -111,17 +118,19 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
            "prompt_lengths": [len(p) for p in prompts], "steps": steps, "tolerance": key,
            "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"], "top1_strict": s["top1_strict"],
            "decisive_positions": s["decisive"], "positions": s["positions"], "notes": report["notes"]}
+    if "exact_check" in report:
+        out["exact_check"] = {k: report["exact_check"][k] for k in ("accuracy_level", "max_abs", "max_rel", "top1")}
     if accuracy is not None:
         out["accuracy_vs_unquantized"] = accuracy
     return out
 
 
-def _replay(run_dir: Path, trace, tol: dict, quantized: bool = False) -> dict:
+def _replay(run_dir: Path, trace, tol: dict, quantized: bool = False, accuracy_level=None) -> dict:
     from kvtrace.runtime.model import Model
 
     # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two (a quantised
     # graph keeps it: its low-bit kernel without prepacking is slow and holds more, not less)
-    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=quantized)
+    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=quantized, accuracy_level=accuracy_level)
     try:
         return parity.judge(parity.replay(m, trace), tol)
     finally:

@@ -255,12 +255,15 @@ class OrtBackend:
         (refused by default, naming them).
       check_fixed_buffers: record every run_graph's bound buffer addresses and shapes on any
         device (what capture relies on) without capturing: graph_runs() shows them.
+      accuracy_level: quantised artifacts: the compute type of onnxruntime's fused low-bit MatMul
+        (session.qdq_matmulnbits_accuracy_level), default the manifest's quant.accuracy_level.
     """
 
     def __init__(self, artifact_dir: Path, manifest, *, device: str = "cpu", threads: int | None = None,
                  optimization: str = "all", log_severity: int = 3, graph: str = "auto",
                  cuda_graph: bool | None = None, allow_cpu_nodes: bool = False,
-                 check_fixed_buffers: bool = False, device_id: int = 0, prepack: bool = True):
+                 check_fixed_buffers: bool = False, device_id: int = 0, prepack: bool = True,
+                 accuracy_level: int | None = None):
         try:
             ort = _import_ort()
         except ImportError as e:
@@ -291,7 +294,8 @@ class OrtBackend:
         # a quantised artifact (manifest "quant"): the compute type of onnxruntime's fused low-bit
         # MatMul, as exported (4: int8 activations per block, the fast one on CPU)
         quant = _manifest_get(manifest, "quant", None) or {}
-        accuracy_level = quant.get("accuracy_level")
+        if accuracy_level is None:
+            accuracy_level = quant.get("accuracy_level")
         if device == "cuda" and cuda_graph is None and not capturable:
             self.notes.append(f"CUDA graphs off: {onnx_file.name} has shapes that depend on input values "
                               f"(attend={attend!r}); export with --target gpu for the GPU form")
