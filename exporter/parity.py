@@ -42,7 +42,7 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
            batch: int = DEFAULT_BATCH, backend: str = "auto", prompt_len: int | None = None, seed: int = DEFAULT_SEED,
            tolerance: dict | None = None, save_golden: str | None = None, golden_top: int | None = None,
            golden_sample: int | None = None, log=print, unquantized: bool = False,
-           accuracy_level: int | None = None) -> dict:
+           accuracy_level: int | None = None, exact_check: bool = True) -> dict:
     """Run the comparison against a reference model and return the report dict
     (report["passed"] is the verdict). save_golden: also write the reference's run to this
     golden file (kvtrace.runtime.golden), before the artifact runs.
@@ -123,7 +123,8 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
     m = Model.load(artifact, backend=backend, **opts)
     result = harness.judge(harness.replay(m, trace), tol)
     result["tolerance_row"] = tol_key
-    if not unquantized and accuracy_level is None and harness.wants_exact_check(manifest, m.backend_name):
+    if exact_check and not unquantized and accuracy_level is None and \
+            harness.wants_exact_check(manifest, m.backend_name):
         m.close()
         exact = Model.load(artifact, backend=m.backend_name, accuracy_level=harness.EXACT_ACCURACY_LEVEL)
         try:
@@ -185,6 +186,9 @@ def add_arguments(p) -> None:
     q.add_argument("--accuracy-level", type=int,
                    help="run onnxruntime's fused low-bit MatMul at this accuracy level instead of the manifest's "
                         "(1: fp32 arithmetic, judged by the compute dtype's row: an exact check of the stored weights)")
+    q.add_argument("--no-exact-check", action="store_true",
+                   help="skip the second run at accuracy level 1 (fp32 arithmetic), which checks the stored "
+                        "weights exactly; onnxruntime has no fast fp32 path for 8-bit weights (~20x slower)")
     p.add_argument("--max-abs", type=float, help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
     p.add_argument("--max-rel", type=float,
                    help="override the dtype's relative tolerance (fraction of the std of the reference's logits)")
@@ -251,7 +255,8 @@ def main(args) -> int:
                         save_golden=getattr(args, "save_golden", None), golden_top=getattr(args, "golden_top", None),
                         golden_sample=getattr(args, "golden_sample", None),
                         unquantized=getattr(args, "unquantized", False),
-                        accuracy_level=getattr(args, "accuracy_level", None))
+                        accuracy_level=getattr(args, "accuracy_level", None),
+                        exact_check=not getattr(args, "no_exact_check", False))
     table = harness.format_table(report)
     print(table)
     write_outputs(args, report, table, plot_skip)
