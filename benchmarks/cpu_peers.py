@@ -82,9 +82,16 @@ def ratio(a, b):
     return None if a is None or b is None or not b else a / b
 
 
-def goals(summary: list[dict]) -> list[dict]:
-    """The issue's goals against the measured medians."""
-    m = {(r["entry"], r["batch"]): r.get("median") for r in summary}
+def goals(summary: list[dict], stat: str = "median") -> list[dict]:
+    """The issue's goals against the measured medians (stat="median") or the fastest run of each
+    entry (stat="min": on a shared machine the least disturbed run; tokens/s then from the fastest
+    decode)."""
+    m = {}
+    for r in summary:
+        v = r.get(stat)
+        if v and stat == "min":
+            v = {**v, "tokens_per_s": r["batch"] * 1000.0 / v["decode_ms_per_token"]}
+        m[(r["entry"], r["batch"])] = v
 
     def get(entry, batch, key):
         v = m.get((entry, batch))
@@ -95,7 +102,7 @@ def goals(summary: list[dict]) -> list[dict]:
     def goal(text, ours, theirs, lower_is_better=True):
         r = ratio(ours, theirs)
         met = None if r is None else (r <= 1.0 if lower_is_better else r >= 1.0)
-        out.append({"goal": text, "kvtrace": ours, "peer": theirs, "ratio": r, "met": met})
+        out.append({"goal": text, "stat": stat, "kvtrace": ours, "peer": theirs, "ratio": r, "met": met})
 
     goal("int4 decode ms/token <= llama.cpp q4_0 (batch 1)", get("kvtrace-int4", 1, "decode_ms_per_token"),
          get("llamacpp-q4_0", 1, "decode_ms_per_token"))
@@ -129,10 +136,10 @@ def markdown(summary: list[dict], gl: list[dict], load: dict) -> str:
                      f"{hi['prefill_ms']:.0f}) | {md['decode_ms_per_token']:.2f} ({lo['decode_ms_per_token']:.2f}–"
                      f"{hi['decode_ms_per_token']:.2f}) | {md['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{max(fc) if fc else 0:.2f} |")
-    lines += ["", "| goal | kvtrace | peer | ratio | met |", "|---|---|---|---|---|"]
+    lines += ["", "| goal | statistic | kvtrace | peer | ratio | met |", "|---|---|---|---|---|---|"]
     for g in gl:
         f = (lambda x: "n/a" if x is None else f"{x:.2f}")
-        lines.append(f"| {g['goal']} | {f(g['kvtrace'])} | {f(g['peer'])} | {f(g['ratio'])} | "
+        lines.append(f"| {g['goal']} | {g['stat']} | {f(g['kvtrace'])} | {f(g['peer'])} | {f(g['ratio'])} | "
                      f"{'n/a' if g['met'] is None else ('yes' if g['met'] else 'no')} |")
     lines.append("")
     lines.append(f"load average at start {load.get('start')}, at end {load.get('end')}")
@@ -157,8 +164,13 @@ def main(argv=None) -> int:
     ap.add_argument("--retries", type=int, default=0)
     ap.add_argument("--json", required=True, help="run_peers.py's full report, plus the goals")
     ap.add_argument("--markdown", help="also write the table (Markdown) here")
+    ap.add_argument("--max-foreign", type=float, default=0.25,
+                    help="passed to run_peers.py: a call during which other processes took more cores is disturbed")
+    ap.add_argument("--report-only", action="store_true", help="only re-render the goals and table of --json")
     args = ap.parse_args(argv)
 
+    if args.report_only:
+        return _report(args)
     root = Path(args.peers_root)
     ckpt = Path(args.checkpoint) if args.checkpoint else root / "ckpt" / "llama153m"
     if not (ckpt / "config.json").is_file():
@@ -180,13 +192,18 @@ def main(argv=None) -> int:
     cmd = [sys.executable, str(PEERS / "run_peers.py"), "--peers-root", str(root), "--checkpoint", str(ckpt),
            "--rounds", str(args.rounds), "--threads", str(args.threads), "--batches", *map(str, args.batches),
            "--quiet-wait", str(args.quiet_wait), "--retries", str(args.retries), "--membw",
+           "--max-foreign", str(args.max_foreign),
            "--parity-ref", "llamacpp-f32", "--out", args.json, *extra]
     if args.peers is not None:
         cmd += ["--peers", *args.peers]
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
     subprocess.run(cmd, check=True)
+    return _report(args)
+
+
+def _report(args) -> int:
     report = json.loads(Path(args.json).read_text())
-    gl = goals(report["summary"])
+    gl = goals(report["summary"]) + goals(report["summary"], "min")
     report["goals"] = gl
     Path(args.json).write_text(json.dumps(report, indent=1))
     md = markdown(report["summary"], gl, {"start": report.get("loadavg_start"), "end": report.get("loadavg_end")})

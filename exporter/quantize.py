@@ -108,23 +108,28 @@ def quantize(w: np.ndarray, bits: int, group: int, method: str = "rtn", scale_dt
         wb = wc.reshape(r, nb, group)  # (r, nb, g)
         amax = np.abs(wb).max(axis=-1)  # (r, nb)
         best_s, best_e = None, None
+        q = np.empty_like(wb)  # (r, nb, g) work buffer, float32
         for c in cands:
             s = _store(amax / np.float32(c), scale_dtype)  # (r, nb)
-            q = np.clip(np.rint(wb / s[..., None]), qmin, qmax)
             if len(cands) == 1:
                 best_s = s
                 break
-            e = q * s[..., None]
-            e -= wb
-            e *= e
-            err = e.sum(axis=-1)  # (r, nb)
+            np.divide(wb, s[..., None], out=q)  # q = clip(rint(w / s)), then the error (q s - w)^2
+            np.rint(q, out=q)
+            np.clip(q, qmin, qmax, out=q)
+            q *= s[..., None]
+            q -= wb
+            q *= q
+            err = q.sum(axis=-1)  # (r, nb)
             if best_s is None:
                 best_s, best_e = s, err
             else:
                 better = err < best_e  # strict: the earlier candidate (rtn first) wins ties
                 best_s = np.where(better, s, best_s)
                 best_e = np.where(better, err, best_e)
-        q = np.clip(np.rint(wb / best_s[..., None]), qmin, qmax).astype(np.int8)
+        np.divide(wb, best_s[..., None], out=q)
+        np.rint(q, out=q)
+        q = np.clip(q, qmin, qmax, out=q).astype(np.int8)
         q_out[r0:r0 + r] = q.reshape(r, nb * group)[:, :K]
         s_out[r0:r0 + r] = best_s
     return q_out, s_out

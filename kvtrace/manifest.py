@@ -14,6 +14,10 @@ Schema (format_version 1):
    "graphs": {"gpu": {"onnx": "model.gpu.onnx", "attend": "full", "softmax_precision": "dropped"|"absent",
                       ...the "graph" fields}} (optional: other forms of the graph beside model.onnx,
              sharing its weights; written by `kvtrace export --target gpu`, docs/gpu.md),
+   "quant": {"scheme": "int8"|"int4", "bits", "group_size", "method": "rtn"|"search", "symmetric",
+             "accuracy_level" (onnxruntime's MatMulNBits compute type, set by the runtime), "embedding",
+             "head", "kv_cache", "ragged": {matrix: K}, "tensorrt", ...} (optional: weight-only
+             quantisation, `kvtrace export --quant`; docs/quantization.md),
    "validation": {...} (what the exporter checked), "tensorrt": {...} (added by `kvtrace build`),
    "files": {name: {"bytes", "sha256"}} for every file of the artifact (format_version 1 artifacts
             written before this entry existed lack it)}

@@ -271,3 +271,30 @@ def test_parity_fails_on_one_scale_off_by_ten_percent(tmp_path, tmp_path_factory
         out = capsys.readouterr().out
         assert rc == 1, (what, out)
         assert "FAIL" in out and "exact check" in out.split("FAIL:")[-1], out
+
+
+def test_golden_of_a_quantized_artifact(tmp_path, tmp_path_factory, capsys):
+    """A golden recorded from the quantised reference replays through the runtime alone with the exact
+    check; a damaged scale fails it (exit 1); an fp32 golden of the same checkpoint is judged by the
+    scheme's accuracy row (noted)."""
+    ck, loaded = _load("llama_mha", tmp_path_factory)
+    src = {"kind": "checkpoint", "path": str(ck), "sha256": loaded.digest}
+    art = _export(loaded.model, tmp_path / "art", "int4", external_data=True, source=src)
+    golden = tmp_path / "q.golden.npz"
+    assert cli.main(["parity", str(art), "--steps", "6", "--save-golden", str(golden)]) == 0
+    capsys.readouterr()
+    assert cli.main(["parity", str(art), "--golden", str(golden)]) == 0
+    out = capsys.readouterr().out
+    assert "exact check" in out and "configs.TOLERANCES['int4']" in out, out
+    bad = _perturbed_copy(art, tmp_path / "bad", "lm_head.weight.scale", 0, 5)
+    assert cli.main(["parity", str(bad), "--golden", str(golden)]) == 1
+    capsys.readouterr()
+    from kvtrace.exporter.export import export_model
+
+    fp32 = export_model(loaded.model, tmp_path / "fp32", max_seq=64, validate=False, log=lambda m: None, source=src)
+    g32 = tmp_path / "fp32.golden.npz"
+    assert cli.main(["parity", str(fp32), "--steps", "6", "--save-golden", str(g32)]) == 0
+    capsys.readouterr()
+    assert cli.main(["parity", str(art), "--golden", str(g32)]) == 0
+    out = capsys.readouterr().out
+    assert "int4:unquantized" in out and "unquantised weights" in out, out
