@@ -83,8 +83,8 @@ def skeleton(model, inits):
 
 
 # ----------------------------------------------------------------------------- export
-def default_out(arch: str, dtype: str, layout: str) -> Path:
-    return Path(f"kvtrace-{arch}-{SHORT_DTYPE[dtype]}-{layout}")
+def default_out(arch: str, dtype: str, layout: str, quant: str | None = None) -> Path:
+    return Path(f"kvtrace-{arch}-{quant + '-' if quant else ''}{SHORT_DTYPE[dtype]}-{layout}")
 
 
 VALIDATIONS = ("auto", "full", "bounded")  # docs/validation.md
@@ -108,10 +108,31 @@ class ExportSpec:
     via: str = "build"
     validate: bool = True
     validation: str = "auto"  # checkpoint exports: "full", "bounded" or "auto" (docs/validation.md)
+    # weight-only quantisation (exporter/quantize.py): "int8" | "int4" | None, with its group size,
+    # rounding method and onnxruntime accuracy level (defaults filled in by make())
+    quant: str | None = None
+    group_size: int | None = None
+    quant_method: str | None = None
+    accuracy_level: int | None = None
+
+    @property
+    def quant_spec(self):
+        """The checked quantisation scheme (exporter/quantize.py QuantSpec), or None."""
+        if self.quant is None:
+            return None
+        from kvtrace.exporter.quantize import QuantSpec
+
+        return QuantSpec(self.quant, self.group_size, self.quant_method, self.accuracy_level)
 
     @classmethod
     def make(cls, cfg, *, dtype="float32", layout="static", max_seq=None, max_batch=None, opset=None,
-             attend="used", via="build", validate=True, validation="auto") -> "ExportSpec":
+             attend="used", via="build", validate=True, validation="auto", quant=None, group_size=None,
+             quant_method=None, accuracy_level=None) -> "ExportSpec":
+        if quant is None:
+            for opt, v in (("--group-size", group_size), ("--quant-method", quant_method),
+                           ("--accuracy-level", accuracy_level)):
+                if v is not None:
+                    raise KvtraceError(f"{opt} {v}: only with --quant int8|int4")
         if via not in VIAS:
             raise KvtraceError(f"--via {via!r}: expected one of {', '.join(VIAS)}")
         if via == "trace":
@@ -128,12 +149,22 @@ class ExportSpec:
             raise KvtraceError(f"--max-batch {spec.max_batch!r}: must be a positive integer")
         if spec.validation not in VALIDATIONS:
             raise KvtraceError(f"--validation {spec.validation!r}: expected one of {', '.join(VALIDATIONS)}")
+        if quant is not None:
+            from kvtrace.exporter.quantize import QuantSpec
+
+            if via == "trace":
+                raise KvtraceError("--quant with --via trace: quantised graphs are built, not traced; use --via build")
+            q = QuantSpec.make(cfg, quant, group_size=group_size, method=quant_method, accuracy_level=accuracy_level,
+                               dtype=spec.dtype, opset=spec.opset)
+            spec = dataclasses.replace(spec, quant=q.scheme, group_size=q.group_size, quant_method=q.method,
+                                       accuracy_level=q.accuracy_level)
         return spec
 
     def graph_options(self) -> dict:
         """onnx_graph.build's options for model.onnx; the GPU form derives its own from these
         (gpu_form.graph_options), so an option added here reaches both graphs."""
-        return dict(dtype=self.dtype, layout=self.layout, max_seq=self.max_seq, opset=self.opset, attend=self.attend)
+        return dict(dtype=self.dtype, layout=self.layout, max_seq=self.max_seq, opset=self.opset, attend=self.attend,
+                    quant=self.quant_spec)
 
 
 def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, force: bool = False,
@@ -147,15 +178,18 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
     where(name): the checkpoint tensor a canonical weight came from, for messages (NaN/Inf).
     """
     spec = ExportSpec.make(model.cfg, **options)
-    reference = None
+    reference = accuracy_reference = None
     if spec.validate:
-        from kvtrace.exporter.references import TorchReference
+        from kvtrace.exporter.references import TorchReference, quantized_reference
 
         reference = TorchReference(model, {"kind": "export", "dtype": "float32"})
+        if spec.quant is not None:  # judged against the same weights quantised; accuracy against the original
+            reference, accuracy_reference = quantized_reference(reference, spec.quant_spec, spec.dtype), reference
     return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
                            source=source, force=force, log=log, where=where,
                            model=model if spec.via == "trace" else None,
-                           release=(lambda: _release(model)) if release_weights else None)
+                           release=(lambda: _release(model)) if release_weights else None,
+                           accuracy_reference=accuracy_reference)
 
 
 def export_checkpoint(checkpoint, out_dir, *, allow_pickle: bool = False, arch: str | None = None,
@@ -194,7 +228,7 @@ def export_checkpoint(checkpoint, out_dir, *, allow_pickle: bool = False, arch: 
 
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
                     source=None, force: bool = False, log=None, release=None, model=None, where=None,
-                    progress: bool | None = None) -> Path:
+                    progress: bool | None = None, accuracy_reference=None) -> Path:
     """Write the artifact for (cfg, weights) to `out_dir`: graphs, tokenizer, manifest, validation.
 
     weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing;
@@ -202,6 +236,9 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     reference: start/step logits in fp32 (kvtrace.runtime.parity's protocol), run over the whole
     model in memory; None with spec.validate: the streamed validation (the layer-streamed
     reference over `weights`, every initializer checked as it is written; docs/validation.md).
+    For a quantised export the reference holds the artifact's quantised weights
+    (references.quantized_reference), and accuracy_reference (optional) the unquantised model,
+    whose agreement with the artifact is reported (not judged) in the manifest.
     release(): called once the reference has run and the weights are written.
     tokenizer: None, a path to a tokenizer.json to copy (it must load and its ids fit the
     vocabulary), or "builtin-bytes".
@@ -249,13 +286,13 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             files.check_replaceable(out, force=force, is_ours=manifest_mod.not_an_artifact)
         tmp, _ = files.staging_dir(out)
         check = None
-        if streamed:
+        if streamed and spec.quant is None:  # quantised bytes: read back below instead
             from kvtrace.exporter.verify import InitializerCheck
 
             check = InitializerCheck(cfg, weights, spec.dtype, spec.max_seq)
         graph, inits, graph_info, written = _write_graph(cfg, weights, tmp, spec, log, need, check, progress, model)
         readback = checks.check_initializers(tmp / io_spec.ONNX_NAME, inits, lambda m: log("validate: " + m)) \
-            if spec.validate and not streamed else None
+            if spec.validate and check is None else None
         built = gpu_form.from_traced(graph, inits, graph_info) if spec.via == "trace" else None
         gpu_info, gpu_sk = gpu_form.write(cfg, weights, tmp, built=built, **spec.graph_options())
         log(f"wrote {gpu_form.GPU_ONNX_NAME} (the TensorRT / onnxruntime-cuda form; weights shared)")
@@ -274,9 +311,12 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
                 manifest["validation"] = validate.validate_streamed(
                     tmp, graph, inits, cfg, weights, spec=spec, written=written, check=check,
                     release=release, log=vlog)
+                if readback is not None:
+                    manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
             else:
                 manifest["validation"] = validate.validate_artifact(
-                    tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model, log=vlog)
+                    tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model, log=vlog,
+                    accuracy_reference=accuracy_reference)
                 manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
             manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME, layout=spec.layout,
                                                             traced=spec.via == "trace")
@@ -290,6 +330,9 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         with _signals_ignored():  # a second Ctrl-C must not cut the cleanup short
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            else:  # interrupted inside staging_dir(): its directory exists, its name was not returned yet
+                for d in files.own_staging_dirs(out):
+                    shutil.rmtree(d, ignore_errors=True)
             lock.__exit__(None, None, None)  # its file lives in the parent: before removing that
             files.remove_dirs(made_parents)
         if isinstance(e, KeyboardInterrupt):  # SIGINT or SIGTERM (kvtrace/cli.py): say what was undone
@@ -349,6 +392,10 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, che
 
     t0 = time.perf_counter()
     graph, inits, graph_info = make_graph(cfg, weights, spec, model, log=log)
+    if spec.quant is not None:
+        for name, k in spec.quant_spec.ragged(cfg).items():
+            log(f"note: {name}: K={k} is not a multiple of --group-size {spec.group_size}, its last group is "
+                f"{k % spec.group_size} wide; onnxruntime runs this, TensorRT does not (`kvtrace build` refuses it)")
     n_bytes = sum(t.nbytes for t in inits)
     external = True
     log(f"{'traced' if spec.via == 'trace' else 'built'} graph: {len(graph.graph.node)} nodes, {len(inits)} weights, {n_bytes / 1e6:.1f} MB "
@@ -441,6 +488,7 @@ def _manifest(cfg, spec: ExportSpec, graph_info: dict, tok, source) -> dict:
         "source": dict(source or {}),
         "via": spec.via,
         "graph": graph_info,
+        **({"quant": spec.quant_spec.manifest(cfg)} if spec.quant is not None else {}),
         "validation": None,
     }
 
@@ -488,6 +536,18 @@ def add_arguments(p) -> None:
     p.add_argument("--external-data", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin (pickle can execute arbitrary code)")
+    q = p.add_argument_group("weight-only quantisation (docs/quantization.md)")
+    q.add_argument("--quant", choices=("int8", "int4"),
+                   help="store the linear layers' weights as int8/int4 with group-wise scales (the embedding as "
+                        "uint8); activations and the KV cache stay in the compute dtype")
+    q.add_argument("--group-size", type=options.integer(1),
+                   help="input channels sharing one scale: a power of two >= 16 (default 32 for int4, 128 for int8)")
+    q.add_argument("--quant-method", choices=("rtn", "search"),
+                   help="rounding: rtn (max|w| scale) or search (per-group scale search minimising the squared "
+                        "error; default for int4)")
+    q.add_argument("--accuracy-level", type=options.integer(1, 4),
+                   help="onnxruntime MatMulNBits compute type recorded in the manifest: 4 int8 (default, fast), "
+                        "1 fp32 (exact, slower)")
     p.add_argument("--validation", choices=VALIDATIONS, default="auto",
                    help="--checkpoint exports: 'full' runs the whole exported graph against the reference; "
                         "'bounded' a truncated graph of the real weights plus a byte check of every weight, "
@@ -524,7 +584,8 @@ def main(args) -> int:
     if args.out and (args.out.exists() or args.out.is_symlink()):  # refuse before spending time on weights
         files.check_replaceable(args.out, force=args.force, is_ours=manifest_mod.not_an_artifact)
     opts = dict(dtype=dtype, layout=args.cache, max_seq=args.max_seq, max_batch=args.max_batch, opset=args.opset,
-                via=args.via, validate=not args.no_validate, validation=args.validation)
+                via=args.via, validate=not args.no_validate, validation=args.validation, quant=args.quant,
+                group_size=args.group_size, quant_method=args.quant_method, accuracy_level=args.accuracy_level)
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
         if not ckpt.is_dir():
@@ -535,7 +596,7 @@ def main(args) -> int:
         if args.arch and args.arch != cfg.arch:
             raise KvtraceError(f"--arch {args.arch} disagrees with {ckpt / 'config.json'}, which describes a "
                                f"{cfg.arch} model; drop --arch or pass --arch {cfg.arch}")
-        out = Path(args.out) if args.out else default_out(cfg.arch, dtype, args.cache)
+        out = Path(args.out) if args.out else default_out(cfg.arch, dtype, args.cache, args.quant)
         options.check_apart(out, "--out", ckpt, "--checkpoint")
         if args.via == "trace":  # tracing needs the PyTorch model itself (small and mid-size models)
             out = _export_traced_checkpoint(ckpt, out, args, opts)
@@ -553,7 +614,7 @@ def main(args) -> int:
         spec = ExportSpec.make(cfg, **opts)  # the options are checked: now spend the time on weights
         model = random_model(cfg, configs.BUILTIN_SEED)
         _log(f"model ready: {cfg.arch}, {cfg.n_params() / 1e6:.1f}M parameters ({time.perf_counter() - t0:.2f}s)")
-        out = Path(args.out) if args.out else default_out(cfg.arch, dtype, args.cache)
+        out = Path(args.out) if args.out else default_out(cfg.arch, dtype, args.cache, args.quant)
         source = {"kind": "builtin", "path": None, "sha256": None, "seed": configs.BUILTIN_SEED}
         export_model(model, out, tokenizer=None if args.no_tokenizer else "builtin-bytes", source=source,
                      force=args.force, release_weights=True, **dataclasses.asdict(spec))

@@ -114,6 +114,8 @@ class Initializer:
 
     @property
     def nbytes(self) -> int:
+        if self.data_type in (TensorProto.INT4, TensorProto.UINT4):  # two values per byte
+            return (math.prod(self.dims) + 1) // 2
         return math.prod(self.dims) * onnx.helper.tensor_dtype_to_np_dtype(self.data_type).itemsize
 
     def meta(self) -> TensorProto:
@@ -262,7 +264,8 @@ class ModelGraph:
     """
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str, layout: str,
-                 max_seq: int, opset: int, attend: str = "used", attention_precision: str = "float32"):
+                 max_seq: int, opset: int, attend: str = "used", attention_precision: str = "float32",
+                 quant=None):
         check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
         if attend not in ATTEND:
             raise KvtraceError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
@@ -282,6 +285,11 @@ class ModelGraph:
         self.shapes = cfg.param_shapes()
         self.np_dtype = to_dtype(np.zeros(1), dtype).dtype
         self._params: dict[str, str] = {}
+        # weight-only quantisation (exporter/quantize.py: QuantSpec), or None
+        self.quant = quant
+        if quant is not None:
+            quant.make(cfg, quant.scheme, group_size=quant.group_size, method=quant.method,
+                       accuracy_level=quant.accuracy_level, dtype=dtype, opset=opset)  # re-checked here
 
     # --------------------------------------------------------------- weights
     def param(self, name: str) -> str:
@@ -306,8 +314,51 @@ class ModelGraph:
                 col += n
             return out
 
-        w = self.g.weight(name, (K, sum(sizes)), make)
+        if self.quant is not None:
+            w = self.quantized_matrix(name, rows, K, sizes)
+        else:
+            w = self.g.weight(name, (K, sum(sizes)), make)
         return self.g.op("MatMul", [x, w], hint=hint, out=out)
+
+    def quantized_matrix(self, name: str, rows: list[str], K: int, sizes: list[int]) -> str:
+        """DequantizeLinear(q (K, N) INT4/INT8, scale (ceil(K/g), N), axis 0, block_size g): the
+        (in, out) matrix [W0.T | W1.T | ...] of `matmul_weight`, quantised per parameter (so that
+        fused Q/K/V hold exactly what Q, K and V quantised alone hold). One DequantizeLinear per
+        MatMul: onnxruntime fuses only a DequantizeLinear with a single consumer."""
+        from kvtrace.exporter import quantize as qz
+
+        spec, N, g = self.quant, sum(sizes), self.quant.group_size
+        nb = -(-K // g)
+        scale_dtype = self.dtype
+        pending = {}  # the scales of the matrix just quantised, until the writer asks for them
+
+        def quantized():
+            """(q (K, N) int8, s (nb, N)); computed once, the scales kept for scale()."""
+            q = np.empty((K, N), dtype=np.int8)
+            s = np.empty((nb, N), dtype=np.float32)
+            col = 0
+            for r, n in zip(rows, sizes):
+                qr, sr = qz.quantize(self.weights[r], spec.bits, g, spec.method, scale_dtype)  # (n, K), (n, nb)
+                transposed(qr, q[:, col:col + n])
+                transposed(sr, s[:, col:col + n])
+                col += n
+            return q, s
+
+        def make_q():
+            q, s = quantized()
+            pending["s"] = s
+            return qz.pack_int4(q) if spec.bits == 4 else q
+
+        def make_s():
+            s = pending.pop("s", None)
+            if s is None:
+                s = quantized()[1]
+            return to_dtype(s, self.dtype)
+
+        qtype = TensorProto.INT4 if spec.bits == 4 else TensorProto.INT8
+        q = self.g.weight(name + ".q", (K, N), make_q, qtype)
+        s = self.g.weight(name + ".scale", (nb, N), make_s)
+        return self.g.op("DequantizeLinear", [q, s], hint=name.replace(".", "_") + "_dq", axis=0, block_size=g)
 
     def linear(self, x: str, prefix: str, bias: bool) -> str:
         y = self.matmul_weight(x, prefix + ".weight", [prefix + ".weight"], prefix.replace(".", "_"))
@@ -317,12 +368,47 @@ class ModelGraph:
     def embed(self, ids: str, pos: str) -> str:
         """Token embedding (times embed_scale) plus sinusoidal positions: (B, T, D)."""
         g, cfg = self.g, self.cfg
-        x = g.op("Gather", [self.param("embed.weight"), ids], hint="embed", axis=0)  # (B, T, D)
+        if self.quant is not None:
+            x = self.quantized_embed(ids)  # (B, T, D)
+        else:
+            x = g.op("Gather", [self.param("embed.weight"), ids], hint="embed", axis=0)  # (B, T, D)
         if cfg.embed_scale != 1.0:
             x = g.op("Mul", [x, g.const(cfg.embed_scale, self.np_dtype)], hint="embed_scaled")
         if cfg.positions == "sinusoidal":
             x = g.op("Add", [x, self.sinusoidal(pos)], hint="embed_pos")
         return x
+
+    def quantized_embed(self, ids: str) -> str:
+        """The 8-bit embedding (exporter/quantize.py): uint8 table u = q + 128 (V, D) and scales
+        (V, D/ge); rows gathered, then (u - 128) * scale per group of ge along D -> (B, T, D).
+        Standard ops both runtimes take: onnxruntime's Gather rejects INT4 and would dequantise a
+        DequantizeLinear'd table whole on every run; TensorRT refuses INT8 constants outside a
+        DequantizeLinear."""
+        from kvtrace.exporter import quantize as qz
+
+        g, cfg = self.g, self.cfg
+        V, D = cfg.vocab_size, cfg.hidden_size
+        ge = self.quant.embed_group(D)
+        pending = {}
+
+        def make_u():
+            q, s = qz.quantize(self.weights["embed.weight"], qz.EMBED_BITS, ge, "rtn", self.dtype)  # (V, D), (V, D/ge)
+            pending["s"] = s
+            return (q.astype(np.int16) + qz.EMBED_OFFSET).astype(np.uint8)
+
+        def make_s():
+            s = pending.pop("s", None)
+            if s is None:
+                s = qz.quantize(self.weights["embed.weight"], qz.EMBED_BITS, ge, "rtn", self.dtype)[1]
+            return to_dtype(s, self.dtype)
+
+        u = g.weight("embed.weight.u8", (V, D), make_u, TensorProto.UINT8)
+        sc = g.weight("embed.weight.scale", (V, D // ge), make_s)
+        rows = g.op("Cast", [g.op("Gather", [u, ids], hint="embed_u8", axis=0)], to=g.tdtype)  # (B, T, D)
+        rows = g.op("Sub", [rows, g.const(qz.EMBED_OFFSET, self.np_dtype)], hint="embed_q")  # (B, T, D) q
+        s = g.op("Unsqueeze", [g.op("Gather", [sc, ids], axis=0), g.i64([-1])], hint="embed_s")  # (B, T, D/ge, 1)
+        grouped = g.op("Reshape", [rows, g.i64([0, 0, D // ge, ge])])  # (B, T, D/ge, ge)
+        return g.op("Reshape", [g.op("Mul", [grouped, s]), g.i64([0, 0, D])], hint="embed")  # (B, T, D)
 
     def sinusoidal(self, pos: str) -> str:
         """XGLM positions from position_ids: [sin(p' f), cos(p' f)], p' = p + offset, f from
@@ -570,7 +656,10 @@ class ModelGraph:
         x = self.norm(x, "norm_f")
         fp32 = self.dtype == "float32"
         out = [io_spec.LOGITS] if fp32 else None  # low precision: cast to fp32 below
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and self.quant is not None:
+            # a second, quantised tensor: the embedding is an 8-bit Gather table, the head a fused MatMul
+            logits = self.matmul_weight(x, "lm_head.weight", ["embed.weight"], "logits_lp", out=out)
+        elif cfg.tie_word_embeddings:
             # the embedding initializer (stored once) through a Transpose onnxruntime folds at load
             head = g.op("Transpose", [self.param("embed.weight")], hint="head_t", perm=[1, 0])  # (D, V)
             logits = g.op("MatMul", [x, head], hint="logits_lp", out=out)  # (B, K, V)
@@ -606,6 +695,8 @@ class ModelGraph:
                 "cache_update": "TensorScatter" if self.layout == "static" else "concat",
                 "attend": self.attend if self.layout == "static" else "all",
                 "attention_precision": self.attention_precision}
+        if self.quant is not None:
+            info["weights"] = "DequantizeLinear + MatMul (%s)" % self.quant.scheme
         return model, g.inits, info
 
 
@@ -615,18 +706,18 @@ ATTENTION_PRECISIONS = ("float32", "native")
 
 def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "float32",
           layout: str = "static", max_seq: int, opset: int = FUSED_MIN_OPSET, attend: str = "used",
-          attention_precision: str = "float32"):
+          attention_precision: str = "float32", quant=None):
     """-> (ModelProto without weight initializers, [Initializer], description dict); see ModelGraph."""
     return ModelGraph(cfg, weights, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset,
-                      attend=attend, attention_precision=attention_precision).build()
+                      attend=attend, attention_precision=attention_precision, quant=quant).build()
 
 
 def build_graph(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "float32",
                 layout: str = "static", max_seq: int, opset: int = FUSED_MIN_OPSET,
-                attend: str = "used", attention_precision: str = "float32") -> onnx.ModelProto:
+                attend: str = "used", attention_precision: str = "float32", quant=None) -> onnx.ModelProto:
     """The complete ModelProto with weights inside (fine below 2 GB; the exporter streams)."""
     model, inits, _ = build(cfg, weights, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset, attend=attend,
-                            attention_precision=attention_precision)
+                            attention_precision=attention_precision, quant=quant)
     model.graph.initializer.extend(t.tensor() for t in inits)
     return model
 

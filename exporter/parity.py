@@ -48,12 +48,20 @@ def read_manifest(artifact, *, verify: bool = True) -> dict:
 def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = None, steps: int = DEFAULT_STEPS,
            batch: int = DEFAULT_BATCH, backend: str = "auto", prompt_len: int | None = None, seed: int = DEFAULT_SEED,
            tolerance: dict | None = None, save_golden: str | None = None, golden_top: int | None = None,
-           golden_sample: int | None = None, log=print, verify: bool = True) -> dict:
+           golden_sample: int | None = None, log=print, verify: bool = True, unquantized: bool = False,
+           accuracy_level: int | None = None, exact_check: bool = True) -> dict:
     """Run the comparison against a reference model and return the report dict
     (report["passed"] is the verdict). save_golden: also write the reference's run to this
     golden file (kvtrace.runtime.golden), before the artifact runs. verify: check every artifact
-    file's sha256 against the manifest first (~1 s per GB)."""
-    from kvtrace.configs import TOLERANCES
+    file's sha256 against the manifest first (~1 s per GB).
+
+    Quantised artifacts (manifest "quant"): the reference is the model with the artifact's
+    quantised weights (references.for_artifact), judged by the scheme's row; `unquantized`
+    compares with the original weights instead (the scheme's ":unquantized" row: the accuracy
+    the quantisation costs). accuracy_level: run onnxruntime's fused low-bit MatMul at this level
+    instead of the manifest's; 1 computes in fp32, so the artifact must then match the quantised
+    reference to fp32 rounding (judged by the compute dtype's row)."""
+    from kvtrace import configs
     from kvtrace.runtime.model import Model
 
     check_int("--steps", steps, 0)
@@ -65,9 +73,15 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         if v is not None:
             check_number(f"tolerance {k}", v, 0.0, 1.0 if k == "top1" else None)
     manifest = read_manifest(artifact, verify=verify)
-    dtype = manifest["dtype"]
-    if dtype not in TOLERANCES:
-        raise KvtraceError(f"manifest dtype {dtype!r}: no tolerance in configs.TOLERANCES")
+    quant = manifest.get("quant")
+    if (unquantized or accuracy_level is not None) and not quant:
+        raise KvtraceError(f"{'--unquantized' if unquantized else '--accuracy-level'}: only for a quantised artifact "
+                           f"(kvtrace export --quant); {artifact} is not quantised")
+    if accuracy_level is not None and accuracy_level not in (1, 2, 3, 4):
+        raise KvtraceError(f"--accuracy-level {accuracy_level}: expected 1 (fp32), 2, 3 or 4 (int8)")
+    tol_key, tol_row = configs.tolerance_for(manifest, unquantized=unquantized)
+    if accuracy_level == 1 and not unquantized:  # exact arithmetic: the compute dtype's own row
+        tol_key, tol_row = manifest["dtype"], configs.TOLERANCES[manifest["dtype"]]
     cfg = manifest["config"]
     io = manifest.get("io") or {}
     max_batch = io.get("max_batch")
@@ -93,13 +107,18 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
 
     ref = references.torch_reference(manifest, checkpoint) if against == "torch" else \
         references.hf_reference(manifest, checkpoint)
+    if quant and not unquantized:
+        if against != "torch":
+            raise KvtraceError("--against hf on a quantised artifact: transformers runs the original weights; add "
+                               "--unquantized (judged by the scheme's accuracy row) or use --against torch")
+        ref = references.for_artifact(ref, manifest)
     if save_golden and ref.description.get("digest_mismatch"):
         raise KvtraceError(f"--save-golden {save_golden}: the reference checkpoint is not the one the artifact was "
                            "exported from (digests differ), so the golden would be labelled with the wrong model; "
                            "pass the artifact's own checkpoint")
     trace = harness.record(ref, prompts, steps)
     ref.close()  # its weights go before the artifact's session loads
-    tol = {**TOLERANCES[dtype], **{k: v for k, v in (tolerance or {}).items() if v is not None}}
+    tol = {**tol_row, **{k: v for k, v in (tolerance or {}).items() if v is not None}}
     if save_golden:
         from kvtrace.runtime import golden
 
@@ -109,14 +128,26 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
                                            "avoid": [a for a in avoid if a is not None]},
                               top=golden.DEFAULT_TOP if golden_top is None else golden_top,
                               sample=golden.DEFAULT_SAMPLE if golden_sample is None else golden_sample,
-                              tolerance=TOLERANCES[dtype])
+                              tolerance=tol_row)
         path = golden.save(g, save_golden)
         lg = g.header["logits"]
         log(f"golden: wrote {path} ({golden.size_summary(path)}; {batch} prompts, {steps} steps, "
             + ("every logit" if lg["top"] == lg["vocab"] else f"top-{lg['top']} + {lg['sample']} sampled of "
                f"{lg['vocab']} logits") + " per position)")
-    m = Model.load(artifact, backend=backend)  # digests were checked above
+    opts = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
+    m = Model.load(artifact, backend=backend, **opts)  # digests were checked above
     result = harness.judge(harness.replay(m, trace), tol)
+    result["tolerance_row"] = tol_key
+    if exact_check and not unquantized and accuracy_level is None and \
+            harness.wants_exact_check(manifest, m.backend_name):
+        m.close()
+        exact = Model.load(artifact, backend=m.backend_name, accuracy_level=harness.EXACT_ACCURACY_LEVEL)
+        try:
+            row = {**configs.TOLERANCES[manifest["dtype"]],
+                   **{k: v for k, v in (tolerance or {}).items() if v is not None}}
+            harness.add_exact_check(result, harness.judge(harness.replay(exact, trace), row))
+        finally:
+            exact.close()
     return harness.make_report(manifest, artifact=artifact, backend=getattr(m, "backend_name", backend),
                                against=against, reference=ref.description, prompts=prompts, steps=steps,
                                seed=seed, result=result)
@@ -165,6 +196,16 @@ def add_arguments(p) -> None:
     out.add_argument("--junit-xml", metavar="FILE", help="JUnit XML: one test case per prompt row")
     out.add_argument("--summary", metavar="FILE", help="a short Markdown summary (for CI job pages)")
     out.add_argument("--plot", metavar="FILE.png", help="max |Δlogit| per step (needs matplotlib; skipped otherwise)")
+    q = p.add_argument_group("quantised artifacts")
+    q.add_argument("--unquantized", action="store_true",
+                   help="compare with the original (unquantised) weights, judged by the scheme's accuracy row; by "
+                        "default a quantised artifact is compared with the model holding its quantised weights")
+    q.add_argument("--accuracy-level", type=options.integer(1, 4),
+                   help="run onnxruntime's fused low-bit MatMul at this accuracy level instead of the manifest's "
+                        "(1: fp32 arithmetic, judged by the compute dtype's row: an exact check of the stored weights)")
+    q.add_argument("--no-exact-check", action="store_true",
+                   help="skip the second run at accuracy level 1 (fp32 arithmetic), which checks the stored "
+                        "weights exactly; onnxruntime has no fast fp32 path for 8-bit weights (~20x slower)")
     p.add_argument("--max-abs", type=options.number(0.0), help="override the dtype's max |Δlogit| tolerance (configs.TOLERANCES)")
     p.add_argument("--max-rel", type=options.number(0.0),
                    help="override the dtype's relative tolerance (fraction of the std of the reference's logits)")
@@ -232,7 +273,9 @@ def main(args) -> int:
                         prompt_len=getattr(args, "prompt_len", None),
                         seed=DEFAULT_SEED if args.seed is None else args.seed, tolerance=tolerance,
                         save_golden=getattr(args, "save_golden", None), golden_top=getattr(args, "golden_top", None),
-                        golden_sample=getattr(args, "golden_sample", None), verify=not args.no_verify)
+                        golden_sample=getattr(args, "golden_sample", None), verify=not args.no_verify,
+                        unquantized=args.unquantized, accuracy_level=args.accuracy_level,
+                        exact_check=not args.no_exact_check)
     table = harness.format_table(report)
     print(table)
     write_outputs(args, report, table, plot_skip)

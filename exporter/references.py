@@ -106,6 +106,31 @@ class HFReference:
         return np.stack(out)  # (B, V)
 
 
+def quantized_reference(ref: TorchReference, spec, dtype: str = "float32") -> TorchReference:
+    """`ref`'s model with the weights a quantised artifact holds (exporter/quantize.py
+    fake_quantize_model: the same quantisation recomputed from the checkpoint, dequantised,
+    fp32 arithmetic): what a correct quantised graph computes, up to onnxruntime's activation
+    rounding. A damaged stored scale or a wrong packing shows as a difference from it."""
+    from kvtrace.exporter.quantize import describe, fake_quantize_model
+
+    desc = {**ref.description, "weights": f"quantised as the artifact ({describe(spec)}, scales {dtype}), "
+                                          "dequantised to fp32",
+            "quant": {"scheme": spec.scheme, "group_size": spec.group_size, "method": spec.method,
+                      "scale_dtype": dtype}}
+    return TorchReference(fake_quantize_model(ref.model, spec, dtype), desc)
+
+
+def for_artifact(ref: TorchReference, manifest: dict, unquantized: bool = False) -> TorchReference:
+    """The reference an artifact is judged against: for a quantised artifact (manifest "quant"),
+    the model with the same quantised weights unless `unquantized`."""
+    q = manifest.get("quant")
+    if not q or unquantized:
+        return ref
+    from kvtrace.exporter.quantize import QuantSpec
+
+    return quantized_reference(ref, QuantSpec.from_manifest(q), manifest.get("dtype", "float32"))
+
+
 def _source(manifest: dict) -> dict:
     return manifest.get("source") or {}
 
@@ -313,7 +338,8 @@ class LayerStreamedReference:
         """{depth: (N, D)} -> {depth: (N, V) float32}, the head read HEAD_CHUNK_BYTES at a time."""
         import torch
 
-        name = "embed.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        name = getattr(self.weights, "head_name", None) or \
+            ("embed.weight" if self.cfg.tie_word_embeddings else "lm_head.weight")
         W = self.weights[name]  # (V, D) view
         V, D = W.shape
         out = {d: torch.empty(x.shape[0], V, dtype=torch.float32) for d, x in hidden.items()}

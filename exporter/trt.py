@@ -147,6 +147,35 @@ def layer_counts(trt, network) -> dict[str, int]:
     return out
 
 
+def weight_only_gemms(layers_text: str) -> dict[str, int]:
+    """From the builder's engine layer list (logged at VERBOSE with DETAILED profiling verbosity):
+    how the quantised matrices were built. "fused": kernels that run the GEMM on INT4/INT8 weights
+    directly (a runtime fusion ending in "Fc" whose constants are INT4/INT8: weight-only GEMM);
+    "dequantized": kernels that first expand INT4/INT8 constants to a float temporary (a
+    CastMulCast kernel), after which a plain GEMM runs. Counted in the first profile only."""
+    fused = dequantized = 0
+    seen = set()
+    for line in layers_text.splitlines():
+        if not line.startswith("Name: "):
+            continue
+        name = line[6:line.find(",")]
+        if "[profile" in name and "[profile 0]" not in name:
+            continue
+        consts = line.split("Constants:", 1)[1].split("Outputs:", 1)[0] if "Constants:" in line else ""
+        if "Datatype: Int4" not in consts and "Datatype: Int8" not in consts:
+            continue
+        base = re.sub(r"_myl\d+_\d+$", "", name)  # __myl_ReplCastMulCastFc_myl4_2 -> __myl_ReplCastMulCastFc
+        key = (base, line.split("Metadata:", 1)[-1])
+        if key in seen:
+            continue
+        seen.add(key)
+        if "Fc" in base:
+            fused += 1
+        elif "CastMulCast" in base:
+            dequantized += 1
+    return {"fused": fused, "dequantized": dequantized}
+
+
 def _attention_layers(trt, network):
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -283,6 +312,12 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
     verify_files(manifest, full=True)
     data = dict(manifest.data)
     _check_writable(d, timing_cache)
+    quant = data.get("quant")
+    if quant and quant.get("ragged"):
+        name, k = next(iter(quant["ragged"].items()))
+        raise KvtraceError(f"{d}: TensorRT cannot build this quantised artifact: {name} has K={k}, not a multiple of "
+                           f"its --group-size {quant['group_size']} (TensorRT's DequantizeLinear needs whole blocks); "
+                           f"re-export with a --group-size that divides {k}, or run it with onnxruntime")
     trt, flv = import_tensorrt(flavour, min_tensorrt(data))
     profiles, limits = plan_profiles(data["io"], max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch,
                                      opt_seq=opt_seq)
@@ -321,6 +356,8 @@ def build_engine(artifact_dir, *, max_batch=None, max_seq=None, opt_batch=None, 
         "layers": layers,
         "attention_kernels": attention_kernels(logger.layer_info, len(profiles)),
     }
+    if quant:  # the engine's layer list (logged by the builder) tells which GEMMs are weight-only
+        section["quantized_gemms"] = weight_only_gemms(logger.layer_info or "")
     record_engine(d, data, section, blob, timing_cache=timing_cache, config=config)
     return {**section, "engine_path": str(d / ENGINE_NAME)}
 
@@ -465,11 +502,16 @@ def main(args) -> int:
         print(json.dumps({"layers": layers, "engine": res["engine_path"], "build_seconds": res["build_seconds"],
                           "flavour": res["flavour"], "version": res["version"],
                           "compute_capabilities": res["compute_capabilities"],
-                          "attention_kernels": res["attention_kernels"]}))
+                          "attention_kernels": res["attention_kernels"],
+                          **({"quantized_gemms": res["quantized_gemms"]} if "quantized_gemms" in res else {})}))
         return 0
     print(f"kvtrace: built {res['engine_path']} with {res['flavour']} {res['version']} for "
           f"{', '.join(res['compute_capabilities'])} in {res['build_seconds']:.1f} s "
           f"(batch <= {res['limits']['max_batch']}, <= {res['limits']['max_seq']} tokens per call)")
+    if "quantized_gemms" in res:
+        qg = res["quantized_gemms"]
+        print(f"  quantised matrices: {qg['fused']} weight-only GEMM(s) on INT4/INT8 weights, {qg['dequantized']} "
+              "dequantised to a float temporary per call")
     if args.inspect:
         width = max(len(k) for k in layers)
         for name, n in layers.items():

@@ -65,7 +65,7 @@ def validation_prompts(cfg, max_seq: int) -> tuple[list[list[int]], int]:
 
 
 def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference, *, spec, release=None,
-                      model=None, log=print) -> dict:
+                      model=None, log=print, accuracy_reference=None) -> dict:
     """Check the artifact being written at `art` (manifest included); returns the manifest's
     "validation" entry or raises ParityFailure / KvtraceError naming the artifact."""
     from kvtrace.exporter.export import DATA_NAME, skeleton
@@ -87,39 +87,78 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     if hasattr(reference, "close"):
         reference.close()
     log(f"reference model run ({trace.seconds:.1f}s)")
+    accuracy_trace = None
+    if accuracy_reference is not None:  # a quantised export: also the unquantised model, reported
+        accuracy_trace = parity.record(accuracy_reference, prompts, steps)
+        if hasattr(accuracy_reference, "close"):
+            accuracy_reference.close()
     run_dir, method = art, "onnxruntime-cpu through kvtrace.runtime"
     if spec.dtype == "bfloat16":
         run_dir = _bf16_twin(art, cfg, weights, spec, model)
         method += ", fp32 twin graph of the bf16-rounded weights"
     if release is not None:
         release()
+    key = configs.tolerance_key(spec.dtype, spec.quant)
+    tol = configs.TOLERANCES[key]
+    accuracy = None
     try:
-        report = _replay(run_dir, trace, configs.TOLERANCES[spec.dtype])
+        report = _judged_replay(run_dir, trace, spec, tol)
+        if accuracy_trace is not None:
+            acc = _replay(run_dir, accuracy_trace, configs.TOLERANCES[key + configs.UNQUANTIZED],
+                          quantized=True)["summary"]
+            accuracy = {"reference": "kvtrace torch model (fp32), unquantised weights", "kl_mean": acc["kl_mean"],
+                        "top1": acc["top1"], "top1_strict": acc["top1_strict"], "max_rel": acc["max_rel"],
+                        "positions": acc["positions"]}
     finally:
         if run_dir != art:
             shutil.rmtree(run_dir, ignore_errors=True)
-    log(f"onnxruntime vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
-    for note in report["notes"]:
-        log(f"note: {note}")
+    _log_report(report, log, accuracy)
     if not report["passed"]:
-        hint = ""
-        if not report["summary"]["finite"] and spec.dtype == "float16":  # the weights were checked finite
-            hint = "; the activations overflow float16 (GPT-NeoX and XGLM are known to): export with --bf16 or fp32"
         raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
                             f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
-                            f"{spec.dtype}: {configs.TOLERANCES[spec.dtype]}){hint}")
+                            f"{key}: {tol})")
     s = report["summary"]
-    return {"method": method, "reference": "kvtrace torch model (fp32)", "harness": "kvtrace.runtime.parity",
-            "prompt_lengths": [len(p) for p in prompts], "steps": steps,
-            "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"], "top1_strict": s["top1_strict"],
-            "decisive_positions": s["decisive"], "positions": s["positions"], "notes": report["notes"]}
+    ref_name = "kvtrace torch model (fp32)" + (" with the artifact's quantised weights" if spec.quant else "")
+    out = {"method": method, "reference": ref_name, "harness": "kvtrace.runtime.parity",
+           "prompt_lengths": [len(p) for p in prompts], "steps": steps, "tolerance": key,
+           "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"], "top1_strict": s["top1_strict"],
+           "decisive_positions": s["decisive"], "positions": s["positions"], "notes": report["notes"]}
+    if "exact_check" in report:
+        out["exact_check"] = {k: report["exact_check"][k] for k in ("accuracy_level", "max_abs", "max_rel", "top1")}
+    if accuracy is not None:
+        out["accuracy_vs_unquantized"] = accuracy
+    return out
 
 
-def _replay(run_dir: Path, trace, tol: dict) -> dict:
+def _judged_replay(run_dir: Path, trace, spec, tol: dict) -> dict:
+    """The replay judged by `tol`; a quantised artifact also runs at accuracy level 1 (fp32
+    arithmetic), judged by the compute dtype's row: exact up to rounding (runtime/parity.py)."""
+    report = _replay(run_dir, trace, tol, quantized=spec.quant is not None)
+    if spec.quant is not None:
+        parity.add_exact_check(report, _replay(run_dir, trace, configs.TOLERANCES[spec.dtype], quantized=True,
+                                               accuracy_level=parity.EXACT_ACCURACY_LEVEL))
+    return report
+
+
+def _log_report(report: dict, log, accuracy=None, what: str = "") -> None:
+    log(f"onnxruntime{what} vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
+    if "exact_check" in report:
+        ex = report["exact_check"]
+        log(f"exact check (accuracy level {ex['accuracy_level']}, fp32 arithmetic): max |Δlogit| {ex['max_abs']:.3g} "
+            f"(relative {ex['max_rel']:.3g}){'' if ex['passed'] else ' FAILED'}")
+    if accuracy is not None:
+        log(f"quantisation vs the unquantised model: KL {accuracy['kl_mean']:.3g} nats/token, top-1 "
+            f"{'n/a' if accuracy['top1'] is None else format(accuracy['top1'], '.3f')} (reported, not judged)")
+    for note in report["notes"]:
+        log(f"note: {note}")
+
+
+def _replay(run_dir: Path, trace, tol: dict, quantized: bool = False, accuracy_level=None) -> dict:
     from kvtrace.runtime.model import Model
 
-    # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two
-    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=False)
+    # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two (a quantised
+    # graph keeps it: its low-bit kernel without prepacking is slow and holds more, not less)
+    m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=quantized, accuracy_level=accuracy_level)
     try:
         return parity.judge(parity.replay(m, trace), tol)
     finally:
@@ -276,10 +315,13 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
             onnx.checker.check_model(str(onnx_path))  # external references: file, offsets, lengths
     except Exception as e:  # noqa: BLE001
         raise KvtraceError(f"{onnx_path.name}: {e}") from e
-    if written.external:
-        check.check_table(onnx_path)
-    log(f"onnx.checker + shape inference ok; {check.checked} weights ({check.bytes / 1e9:.2f} GB) equal their "
-        f"checkpoint tensors under the documented transform ({time.perf_counter() - t0:.2f}s)")
+    if check is None:  # quantised: the written bytes were read back against the quantiser's (export.py)
+        log(f"onnx.checker + shape inference ok ({time.perf_counter() - t0:.2f}s)")
+    else:
+        if written.external:
+            check.check_table(onnx_path)
+        log(f"onnx.checker + shape inference ok; {check.checked} weights ({check.bytes / 1e9:.2f} GB) equal their "
+            f"checkpoint tensors under the documented transform ({time.perf_counter() - t0:.2f}s)")
 
     p = plan(cfg, spec, sum(t.nbytes for t in inits))
     k = p["layers"]
@@ -287,17 +329,25 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
     log(f"{p['mode']} validation ({p['why']})")
     prompts, steps = validation_prompts(cfg, spec.max_seq)
     cont = continuation(cfg, steps)
-    ref = LayerStreamedReference(cfg, weights, {"kind": "checkpoint", "dtype": "float32"})
+    ref_weights = weights
+    if spec.quant is not None:  # the reference holds the artifact's quantised weights (dequantised, fp32)
+        from kvtrace.exporter.quantize import FakeQuantized
+
+        ref_weights = FakeQuantized(cfg, weights, spec.quant_spec, spec.dtype)
+    ref = LayerStreamedReference(cfg, ref_weights, {"kind": "checkpoint", "dtype": "float32"})
     t0 = time.perf_counter()
     trace = ref.run(prompts, cont, [depth])[depth]
     trace.seconds = time.perf_counter() - t0
     log(f"reference run, {depth} of {cfg.n_layers} blocks streamed one at a time in fp32 ({trace.seconds:.1f}s)")
-    tol = configs.TOLERANCES[spec.dtype]
+    key = configs.tolerance_key(spec.dtype, spec.quant)
+    tol = configs.TOLERANCES[key]
     result = {"mode": p["mode"], "why": p["why"],
-              "reference": "kvtrace torch model (fp32), blocks streamed one at a time from the checkpoint",
+              "reference": "kvtrace torch model (fp32), blocks streamed one at a time from the checkpoint"
+                           + (", with the artifact's quantised weights" if spec.quant else ""),
               "harness": "kvtrace.runtime.parity", "tokens": "prompts, then a fixed continuation (teacher forcing)",
               "prompt_lengths": [len(x) for x in prompts], "steps": steps,
-              "initializers": check.summary(), "tolerance": dict(tol)}
+              "initializers": check.summary() if check is not None else "read back (written_weights)",
+              "tolerance": key}
 
     run_dir, method = art, "onnxruntime-cpu through kvtrace.runtime"
     try:
@@ -314,21 +364,21 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
                        (" (fp32 twin of the bf16-rounded weights)" if spec.dtype == "bfloat16"
                         else " (the artifact's own weight bytes)" if written.external else ""))
             what = f"truncated graph ({k} blocks)"
-        report = _replay(run_dir, trace, tol)
+        report = _judged_replay(run_dir, trace, spec, tol)
     finally:
         if run_dir != art:
             shutil.rmtree(run_dir, ignore_errors=True)
-    log(f"onnxruntime ({what}) vs reference: {parity.one_line(report)} ({report['seconds']['artifact']:.1f}s)")
-    for note in report["notes"]:
-        log(f"note: {note}")
+    _log_report(report, log, what=f" ({what})")
     if not report["passed"]:
         raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
                             f"{'; '.join(report['failures'])} ({parity.one_line(report)}; tolerance for "
-                            f"{spec.dtype}: {tol})")
+                            f"{key}: {tol})")
     s = report["summary"]
     result.update(method=method, layers=depth,
                   max_abs=s["max_abs"], max_rel=s["max_rel"], top1=s["top1"], top1_strict=s["top1_strict"],
                   decisive_positions=s["decisive"], positions=s["positions"], notes=report["notes"])
+    if "exact_check" in report:
+        result["exact_check"] = {k: report["exact_check"][k] for k in ("accuracy_level", "max_abs", "max_rel", "top1")}
     if p["mode"] == "bounded":
         if p["smoke"]:
             result["whole_graph"] = _smoke(art, cfg, log)
@@ -352,8 +402,7 @@ def _truncated(art: Path, cfg, weights: Mapping, spec, k: int, written) -> Path:
     cfg_k = cfg.replace(n_layers=k)
     dtype = "float32" if spec.dtype == "bfloat16" else spec.dtype
     w = _Bf16Rounded(weights) if spec.dtype == "bfloat16" else weights
-    graph, inits, _ = onnx_graph.build(cfg_k, w, dtype=dtype, layout=spec.layout, max_seq=spec.max_seq,
-                                       opset=spec.opset, attend=spec.attend)
+    graph, inits, _ = onnx_graph.build(cfg_k, w, **{**spec.graph_options(), "dtype": dtype})
     linked = False
     if written.external and spec.dtype != "bfloat16":
         try:

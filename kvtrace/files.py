@@ -215,6 +215,13 @@ def remove_dirs(made: list[Path]) -> None:
             break
 
 
+def own_staging_dirs(out: Path) -> list[Path]:
+    """Staging directories of `out` made by this process."""
+    parent = Path(out).absolute().parent
+    prefix = f".{Path(out).name}{STAGING_TAG}{os.getpid()}-"
+    return [d for d in parent.iterdir() if d.name.startswith(prefix) and d.is_dir()] if parent.is_dir() else []
+
+
 def stale_staging_dirs(out: Path) -> list[Path]:
     """Staging directories of `out` (and `.OUT.old-PID` directories of an interrupted
     replace_dir) left by processes that are no longer running."""

@@ -23,6 +23,10 @@ Schema (format_version 1):
    "tensorrt": {"flavour", "version", "engine", "engine_sha256", "onnx", "profiles", "limits", ...}
              (added by `kvtrace build`; an engine built elsewhere and recorded by `kvtrace build
              --import` also has "imported": {"from", "checked", "not_checked", "profiles"}),
+   "quant": {"scheme": "int8"|"int4", "bits", "group_size", "method": "rtn"|"search", "symmetric",
+             "accuracy_level" (onnxruntime's MatMulNBits compute type, set by the runtime), "embedding",
+             "head", "kv_cache", "ragged": {matrix: K}, "tensorrt", ...} (optional: weight-only
+             quantisation, `kvtrace export --quant`; docs/quantization.md),
    "files": {name: {"bytes", "sha256"}} for every file of the artifact (format_version 1 artifacts
             written before this entry existed lack it)}
 """

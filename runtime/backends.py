@@ -54,6 +54,8 @@ MIN_ORT_GPU = (1, 31, 1)
 CPU_FALLBACK_OFF = "session.disable_cpu_ep_fallback"  # session config: no node may go to the CPU
 RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"  # session config: keep node placement
 GRAPH_ID = "gpu_graph_id"  # run config: which captured CUDA graph a run is (-1: never capture)
+# session config: compute type of the MatMulNBits that DequantizeLinear + MatMul fuse into
+QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 
 class Backend(Protocol):
@@ -255,12 +257,15 @@ class OrtBackend:
         (refused by default, naming them).
       check_fixed_buffers: record every run_graph's bound buffer addresses and shapes on any
         device (what capture relies on) without capturing: graph_runs() shows them.
+      accuracy_level: quantised artifacts: the compute type of onnxruntime's fused low-bit MatMul
+        (session.qdq_matmulnbits_accuracy_level), default the manifest's quant.accuracy_level.
     """
 
     def __init__(self, artifact_dir: Path, manifest, *, device: str = "cpu", threads: int | None = None,
                  optimization: str = "all", log_severity: int = 3, graph: str = "auto",
                  cuda_graph: bool | None = None, allow_cpu_nodes: bool = False,
-                 check_fixed_buffers: bool = False, device_id: int = 0, prepack: bool = True):
+                 check_fixed_buffers: bool = False, device_id: int = 0, prepack: bool = True,
+                 accuracy_level: int | None = None):
         try:
             ort = _import_ort()
         except ImportError as e:
@@ -289,6 +294,11 @@ class OrtBackend:
                                f"cache); {onnx_file.name} has attend={attend!r}: use the GPU form (graph='gpu'; artifacts "
                                f"exported before it existed: export again)")
         capture = device == "cuda" and capturable and cuda_graph is not False
+        # a quantised artifact (manifest "quant"): the compute type of onnxruntime's fused low-bit
+        # MatMul, as exported (4: int8 activations per block, the fast one on CPU)
+        quant = _manifest_get(manifest, "quant", None) or {}
+        if accuracy_level is None:
+            accuracy_level = quant.get("accuracy_level")
         if device == "cuda" and cuda_graph is None and not capturable:
             self.notes.append(f"CUDA graphs off: {onnx_file.name} has shapes that depend on input values "
                               f"(attend={attend!r}); the GPU form (model.gpu.onnx) has none")
@@ -304,6 +314,8 @@ class OrtBackend:
                 so.intra_op_num_threads = int(threads)
             if not prepack:  # MLAS keeps no packed copy of the MatMul weights: one copy in memory, not two
                 so.add_session_config_entry("session.disable_prepacking", "1")
+            if accuracy_level is not None:
+                so.add_session_config_entry(QDQ_ACCURACY_LEVEL, str(int(accuracy_level)))
             return so
 
         self.placement = None

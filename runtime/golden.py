@@ -315,17 +315,15 @@ def replay(artifact, golden, *, backend: str = "auto", tolerance: dict | None = 
     its tokens, judged by configs.TOLERANCES[the artifact's dtype] (entries of `tolerance` that
     are not None override it). Returns the report (report["passed"] is the verdict). Imports
     nothing from torch, kvtrace.models or kvtrace.exporter."""
-    from kvtrace.configs import TOLERANCES
+    from kvtrace import configs
     from kvtrace.manifest import load_manifest
     from kvtrace.runtime.model import Model
 
     g = golden if isinstance(golden, Golden) else load(golden)
     manifest = load_manifest(artifact).data
-    dtype = manifest["dtype"]
-    if dtype not in TOLERANCES:
-        raise KvtraceError(f"manifest dtype {dtype!r}: no tolerance in configs.TOLERANCES")
     notes = check_compatible(g, manifest, artifact)
-    tol = {**TOLERANCES[dtype], **{k: v for k, v in (tolerance or {}).items() if v is not None}}
+    key, row = _tolerance_row(g, manifest, notes)
+    tol = {**row, **{k: v for k, v in (tolerance or {}).items() if v is not None}}
     opts = {} if threads is None else {"threads": threads}
     m = Model.load(artifact, backend=backend, **opts)
     try:
@@ -334,7 +332,17 @@ def replay(artifact, golden, *, backend: str = "auto", tolerance: dict | None = 
         close = getattr(m, "close", None)
         if close:
             close()
+    if key == (manifest.get("quant") or {}).get("scheme") and parity.wants_exact_check(manifest, m.backend_name):
+        # recorded from the same quantised weights: the exact check too (runtime/parity.py)
+        exact = Model.load(artifact, backend=m.backend_name, accuracy_level=parity.EXACT_ACCURACY_LEVEL, **opts)
+        try:
+            row = {**configs.TOLERANCES[manifest["dtype"]],
+                   **{k: v for k, v in (tolerance or {}).items() if v is not None}}
+            parity.add_exact_check(result, parity.judge(parity.replay(exact, g.trace), row))
+        finally:
+            exact.close()
     result["notes"] = notes + result["notes"]
+    result["tolerance_row"] = key
     result["seconds"]["reference"] = None  # recorded elsewhere, earlier
     p = g.header["prompts"]
     reference = {"kind": "golden", "path": str(g.path), "format_version": g.header["format_version"],
@@ -344,6 +352,30 @@ def replay(artifact, golden, *, backend: str = "auto", tolerance: dict | None = 
     return parity.make_report(manifest, artifact=artifact, backend=getattr(m, "backend_name", backend),
                               against="golden", reference=reference, prompts=g.prompts, steps=g.steps,
                               seed=p.get("seed"), result=result)
+
+
+def _tolerance_row(g: Golden, manifest: dict, notes: list) -> tuple[str, dict]:
+    """The TOLERANCES row for replaying `g` on an artifact: its dtype's; for a quantised artifact
+    the scheme's row when the golden was recorded from the same quantised weights, else the
+    scheme's ":unquantized" (accuracy) row. A golden of quantised weights replayed on an
+    unquantised artifact is judged by that scheme's accuracy row too."""
+    from kvtrace import configs
+
+    art_q = manifest.get("quant")
+    ref_q = (g.header.get("reference") or {}).get("quant")
+    if art_q:
+        same = bool(ref_q) and all(ref_q.get(k) == art_q.get(k) for k in ("scheme", "group_size", "method")) \
+            and ref_q.get("scale_dtype") == manifest.get("dtype")
+        if not same:
+            notes.append("the golden was recorded from " + ("other quantised weights" if ref_q else
+                         "the unquantised weights") + f": judged by the {art_q['scheme']} accuracy row")
+        return configs.tolerance_for(manifest, unquantized=not same)
+    if ref_q:
+        notes.append(f"the golden was recorded from {ref_q['scheme']}-quantised weights: judged by that scheme's "
+                     "accuracy row")
+        key = configs.tolerance_key(manifest["dtype"], ref_q["scheme"], unquantized=True)
+        return key, configs.TOLERANCES[key]
+    return configs.tolerance_for(manifest)
 
 
 def check(golden, artifact, *, backend: str = "auto", **tolerance) -> dict:

@@ -235,7 +235,7 @@ def gpu_check(artifact, *, backends=GPU_BACKENDS, batch: int | None = None, prom
                            "tensorrt_engine": (data.get("tensorrt") or {}).get("engine")},
               "settings": {"batch": batch, "prompt_len": prompt_len, "steps": steps, "repeats": repeats},
               "backends": {}}
-    tol = configs.TOLERANCES[data["dtype"]]
+    tol = configs.tolerance_for(data)[1]
     prompts = _prompts(cfg["vocab_size"], batch, prompt_len,
                        (cfg.get("bos_token_id"), cfg.get("eos_token_id"), cfg.get("pad_token_id")))
     report["settings"]["prompt_lengths"] = [len(p) for p in prompts]

@@ -466,6 +466,7 @@ def make_report(manifest: dict, *, artifact, backend: str, against: str, referen
         "artifact": str(artifact),
         "architecture": manifest.get("architecture"),
         "dtype": manifest.get("dtype"),
+        "quant": _quant_name(manifest.get("quant")),
         "layout": io_.get("layout"),
         "backend": backend,
         "against": against,
@@ -476,6 +477,41 @@ def make_report(manifest: dict, *, artifact, backend: str, against: str, referen
         "prompt_lengths": [len(p) for p in prompts],
         **result,
     }
+
+
+# Quantised artifacts run onnxruntime's fused low-bit MatMul, whose accuracy level 4 (the default)
+# rounds activations to int8 per block: an error as large as the weights' own on small models, which
+# hides a damaged stored scale. At level 1 the same kernel computes in fp32, so the artifact must
+# match the reference holding its quantised weights to fp32 rounding: the exact check.
+EXACT_ACCURACY_LEVEL = 1
+
+
+def wants_exact_check(manifest: dict, backend_name: str) -> bool:
+    """Whether a replay of a quantised artifact gets the exact check too (onnxruntime backends)."""
+    return bool(manifest.get("quant")) and str(backend_name).startswith("onnxruntime")
+
+
+def add_exact_check(result: dict, exact: dict) -> dict:
+    """Fold the judged level-1 replay `exact` into the judged `result`: reported, and failing it
+    fails the whole verdict."""
+    s = exact["summary"]
+    result["exact_check"] = {"accuracy_level": EXACT_ACCURACY_LEVEL, "passed": exact["passed"],
+                             "failures": exact["failures"], "tolerance": exact["tolerance"],
+                             "max_abs": s["max_abs"], "max_rel": s["max_rel"], "top1": s["top1"],
+                             "positions": s["positions"]}
+    if not exact["passed"]:
+        result["passed"] = False
+        result["failures"] = list(result["failures"]) + [
+            "exact check (onnxruntime accuracy level 1: fp32 arithmetic on the stored quantised weights): "
+            + "; ".join(exact["failures"])]
+    return result
+
+
+def _quant_name(q) -> str | None:
+    """'int4 g32 search' for a manifest's "quant" entry (None when unquantised)."""
+    if not q:
+        return None
+    return f"{q.get('scheme')} g{q.get('group_size')} {q.get('method')} (accuracy level {q.get('accuracy_level')})"
 
 
 def run(artifact, reference, prompts: list[list[int]], steps: int, tol: dict) -> dict:
@@ -502,12 +538,15 @@ def format_table(report: dict) -> str:
     tol, s = report["tolerance"], report["summary"]
     lines = [
         f"kvtrace parity  {report['artifact']}",
-        f"  artifact : {report['architecture']} {report['dtype']} {report['layout']} cache, backend {report['backend']}",
+        f"  artifact : {report['architecture']} {report['dtype']}"
+        f"{', weights ' + report['quant'] if report.get('quant') else ''} {report['layout']} cache, "
+        f"backend {report['backend']}",
         f"  reference: {report['against']} ({describe_reference(report['reference'])})",
         f"  prompts  : {report['batch']} rows, lengths {', '.join(map(str, report['prompt_lengths']))} "
         f"(seed {report['seed']}); {report['steps']} decode steps, each fed the reference's greedy token",
         f"  tolerance: |Δlogit| <= max({tol['max_abs']:g}, {tol.get('max_rel', 0):g} x std of the reference's "
-        f"logits) per position, top-1 >= {tol['top1']:g} over decisive positions (configs.TOLERANCES)",
+        f"logits) per position, top-1 >= {tol['top1']:g} over decisive positions (configs.TOLERANCES"
+        f"{'[' + repr(report['tolerance_row']) + ']' if report.get('tolerance_row') else ''})",
         "",
         f"  {'step':>7}  {'pos':>4}  {'max|Δlogit|':>11}  {'max rel':>9}  {'mean|Δlogit|':>12}  {'top-1':>6}  "
         f"{'top-10':>6}  {'KL mean':>9}  {'KL max':>9}",
@@ -531,6 +570,12 @@ def format_table(report: dict) -> str:
         state = "match" if g["match"] else f"differ from token {g['first_divergence']}"
         verdict_ = "" if row.get("passed", True) else f"; FAILS from {describe_failure(row['first_failure'])}"
         lines.append(f"  row {b} (prompt {g['prompt_len']}): greedy {len(g['reference'])} tokens {state}{verdict_}")
+    ex = report.get("exact_check")
+    if ex:
+        t = ex["tolerance"]
+        lines.append(f"  exact check (accuracy level {ex['accuracy_level']}, fp32 arithmetic): max |Δlogit| "
+                     f"{_fmt(ex['max_abs'], '.3g')} (relative {_fmt(ex['max_rel'], '.3g')}) against "
+                     f"max({t['max_abs']:g}, {t.get('max_rel', 0):g} x std): {'pass' if ex['passed'] else 'FAIL'}")
     lines.append("")
     for n in report.get("notes", []):
         lines.append(f"note: {n}")

@@ -59,3 +59,58 @@ def export(model, out: Path, **options) -> Path:
 def export_and_compare(model, tmp_path: Path, *, prompts, steps: int, name: str = "art", **options) -> Result:
     art = export(model, Path(tmp_path) / name, **options)
     return replay_against(art, model, prompts=prompts, steps=steps)
+
+
+# ------------------------------------------------------------------- quantised artifacts: damage
+def perturb_scale(art: Path, tensor: str, row: int, col: int, factor: float) -> float:
+    """Multiply element [row, col] of the (external) initializer `tensor` by `factor` in place and
+    refresh the manifest's file digests (a wrong scale written by a faulty quantiser, not a
+    corrupted file). Returns the old value."""
+    import onnx
+    from onnx import TensorProto
+
+    from kvtrace import manifest as mf
+
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.name == tensor)
+    info = {e.key: e.value for e in t.external_data}
+    assert t.data_type == TensorProto.FLOAT and t.data_location == TensorProto.EXTERNAL, tensor
+    cols = t.dims[1]
+    off = int(info["offset"]) + 4 * (row * cols + col)
+    with open(art / info["location"], "r+b") as f:
+        f.seek(off)
+        old = np.frombuffer(f.read(4), np.float32)[0]
+        f.seek(off)
+        f.write(np.float32(old * factor).tobytes())
+    data = mf.load_manifest(art).data
+    data["files"] = mf.file_digests(art, list(data["files"]))
+    mf.write_manifest(art, {k: v for k, v in data.items() if k != "format_version"})
+    return float(old)
+
+
+def head_group_that_matters(model, spec, trace) -> tuple[int, int]:
+    """(group, token) of the lm_head: the reference's most frequent greedy token, and the group of
+    its head column whose scale x mean |final hidden state| over that group is largest."""
+    import torch
+
+    from kvtrace.exporter import quantize as qz
+
+    toks = np.array(trace.tokens).reshape(-1)
+    tok = int(np.bincount(toks).argmax()) if toks.size else 0
+    E = model.lm_head.weight if model.lm_head is not None else model.embed.weight  # (V, D)
+    w = E.detach().float().numpy()[tok:tok + 1]  # (1, D)
+    _, s = qz.quantize(w, spec.bits, spec.group_size, spec.method)
+    # mean |x| of the final normed hidden state per group, over the trace's prompts
+    with torch.no_grad():
+        from kvtrace.models.transformer import DynamicCache
+
+        p = trace.prompts[0]
+        cache = DynamicCache(model.cfg, 1, dtype=torch.float32)
+        hidden = {}
+        h = model.norm_f.register_forward_hook(lambda mod, i, o: hidden.setdefault("x", o))
+        model(torch.tensor([p]), torch.arange(len(p))[None], cache)
+        h.remove()
+    x = hidden["x"][0].abs().mean(0).numpy()  # (D,)
+    g = spec.group_size
+    contrib = [s[0, b] * x[b * g:(b + 1) * g].mean() for b in range(s.shape[1])]
+    return int(np.argmax(contrib)), tok
