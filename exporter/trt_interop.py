@@ -111,8 +111,17 @@ def import_engine(artifact_dir, engine, *, max_batch=None, max_seq=None, opt_bat
     data = dict(manifest.data)
     io = data["io"]
     src = Path(engine)
-    try:
-        blob = src.read_bytes()
+    try:  # the magic first: a wrong file (a device, a FIFO, a 13 GB weight file) is refused unread
+        if src.exists() and not src.is_file():
+            raise KvtraceError(f"--import {src}: not a regular file; name the engine file")
+        with open(src, "rb") as f:
+            head = f.read(4)
+            if head not in trt_engine.MAGIC:
+                try:
+                    trt_engine.read_header(head, f"--import {src}")
+                except ValueError as e:
+                    raise KvtraceError(str(e)) from None
+            blob = head + f.read()
     except OSError as e:
         raise KvtraceError(f"--import {src}: cannot read the engine ({e.strerror or e})") from None
     try:

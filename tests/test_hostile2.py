@@ -60,3 +60,34 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_build_timing_cache_never_overwrites_an_artifact_file(art, tmp_path, capsys):
+    pytest.importorskip("onnx", reason="kvtrace build needs the export extra")
+    before = state(art)
+    link = tmp_path / "link"
+    link.symlink_to(art, target_is_directory=True)
+    for target in (art / "model.onnx", art / "kvtrace.json", link / "model.onnx.data"):
+        rc, _, err = run(capsys, "build", art, "--compute-capability", "sm89", "--timing-cache", target)
+        assert rc == 2 and f"--timing-cache {target}: inside the artifact directory" in err, err
+    assert state(art) == before
+
+
+def test_build_import_refuses_what_is_not_an_engine_without_reading_it(art, tmp_path, capsys):
+    """`--import /dev/zero` read the whole "file" into memory (the machine's OOM killer ended it);
+    a 13 GB weight file named by mistake was read whole before its first 4 bytes were judged."""
+    pytest.importorskip("onnx", reason="kvtrace build needs the export extra")
+    before = state(art)
+    rc, _, err = run(capsys, "build", art, "--import", "/dev/zero")
+    assert rc == 2 and "--import /dev/zero: not a regular file" in err, err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    rc, _, err = run(capsys, "build", art, "--import", fifo)
+    assert rc == 2 and "not a regular file" in err, err
+    big = tmp_path / "big.bin"  # sparse: 64 GiB of holes, a few bytes of disk
+    with open(big, "wb") as f:
+        f.write(b"\x08\x01")
+        f.truncate(64 << 30)
+    rc, _, err = run(capsys, "build", art, "--import", big)
+    assert rc == 2 and "not a TensorRT engine (an ONNX model" in err, err
+    assert state(art) == before
