@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -186,10 +187,23 @@ def export_checkpoint(checkpoint, out_dir, *, allow_pickle: bool = False, arch: 
         def source():
             return {"kind": "checkpoint", "path": str(ck.root.absolute()), "sha256": weights.digest(), "seed": None}
 
-        return export_artifact(cfg, weights, out_dir, spec, tokenizer=None if no_tokenizer else ck.tokenizer_file,
+        return export_artifact(cfg, weights, out_dir, spec, tokenizer=None if no_tokenizer else _tokenizer_of(ck.root),
                                source=source, force=force, log=log, progress=progress, where=weights.where)
     finally:
         weights.close()
+
+
+def _tokenizer_of(root: Path) -> Path | None:
+    """The checkpoint's tokenizer.json to copy, or None when it has none. A tokenizer.json that is
+    there but cannot be read as a file (a dangling symlink -- a copied Hugging Face cache snapshot
+    --, a directory) is an error, not an artifact silently exported without its tokenizer."""
+    tok = Path(root) / "tokenizer.json"
+    if tok.is_file():
+        return tok
+    if tok.is_symlink() or tok.exists():
+        what = "not a regular file" if tok.exists() else f"a symlink to {os.readlink(tok)}, which does not exist"
+        raise KvtraceError(f"{tok}: {what}; fix or remove it, or export with --no-tokenizer")
+    return None
 
 
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
@@ -570,7 +584,7 @@ def _export_traced_checkpoint(ckpt: Path, out: Path, args, opts: dict) -> Path:
     loaded = load_checkpoint(ckpt, allow_pickle=args.allow_pickle)
     spec = ExportSpec.make(loaded.config, **opts)
     source = {"kind": "checkpoint", "path": str(ckpt.absolute()), "sha256": loaded.digest, "seed": None}
-    tokenizer = None if args.no_tokenizer else loaded.tokenizer_file
+    tokenizer = None if args.no_tokenizer else _tokenizer_of(ckpt)
     where = _tensor_names(loaded, ckpt)
     model = loaded.model
     del loaded

@@ -91,3 +91,36 @@ def test_build_import_refuses_what_is_not_an_engine_without_reading_it(art, tmp_
     rc, _, err = run(capsys, "build", art, "--import", big)
     assert rc == 2 and "not a TensorRT engine (an ONNX model" in err, err
     assert state(art) == before
+
+
+# ------------------------------------------------ export: what the checkpoint holds
+@pytest.fixture(scope="module")
+def ckpt():
+    pytest.importorskip("transformers", reason="transformers builds the tiny checkpoints")
+    from tests import tiny_hf
+
+    return tiny_hf.checkpoint("llama_mha")
+
+
+@pytest.mark.parametrize("via", ["build", "trace"])
+def test_export_refuses_a_tokenizer_json_it_cannot_read(ckpt, tmp_path, capsys, via):
+    """A dangling tokenizer.json symlink (a copied Hugging Face cache snapshot) was skipped in
+    silence: the artifact came out without a tokenizer, exit 0."""
+    if via == "trace":
+        pytest.importorskip("onnxscript", reason="--via trace needs onnxscript")
+    import shutil
+
+    ck = Path(shutil.copytree(ckpt, tmp_path / "ck"))
+    (ck / "tokenizer.json").symlink_to("../blobs/0123abcd")
+    out = tmp_path / "art"
+    rc, _, err = run(capsys, "export", "--checkpoint", ck, "--via", via, "--no-validate", "--out", out)
+    assert rc == 2 and f"{ck / 'tokenizer.json'}: a symlink to ../blobs/0123abcd, which does not exist" in err, err
+    assert not out.exists()
+    (ck / "tokenizer.json").unlink()
+    (ck / "tokenizer.json").mkdir()
+    rc, _, err = run(capsys, "export", "--checkpoint", ck, "--via", via, "--no-validate", "--out", out)
+    assert rc == 2 and "tokenizer.json: not a regular file" in err, err
+    # --no-tokenizer: the user's way out
+    rc, _, err = run(capsys, "export", "--checkpoint", ck, "--via", via, "--no-validate", "--no-tokenizer",
+                     "--out", out)
+    assert rc == 0 and json.loads((out / "kvtrace.json").read_text())["tokenizer"] is None
