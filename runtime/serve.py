@@ -42,7 +42,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request as HttpRequest
+from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -175,6 +175,9 @@ async def _json_body(state: ServerState, request: HttpRequest) -> dict:
 
     try:
         data = json.loads(bytes(body), parse_constant=no_constants)
+    except RecursionError:  # '[[[[...' nested deeper than the parser recurses: a bad body, not a 500
+        raise api.ApiError(400, "We could not parse the JSON body of your request: nested too deeply",
+                           code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise api.ApiError(400, f"We could not parse the JSON body of your request: {e}",
                            code="invalid_json") from None
@@ -295,6 +298,11 @@ class _Job:
     # ------------------------------------------------------------------ run
     async def respond(self, request: HttpRequest) -> Response:
         st = self.state
+        most = st.engine.capacity + st.engine.max_queue
+        if len(self.reqs) > most:  # would never fit, however long the client waits: not a 429
+            raise api.ApiError(400, f"this request holds {len(self.reqs)} prompts; this server takes at most {most} "
+                               "at once (slots + --max-queue): send them in smaller requests",
+                               param="messages" if self.chat else "prompt")
         try:
             st.engine.submit(self.reqs)
         except Overloaded as e:
@@ -408,6 +416,9 @@ def build_app(state: ServerState) -> Starlette:
             return await job.respond(request)
         except api.ApiError as e:
             return _error(state, e)
+        except ClientDisconnect:  # the client left while sending its body: nothing ran, nobody to answer
+            state.m_requests.inc(status="cancelled")
+            return Response(status_code=499)
 
     async def completions(request):
         return await generation(request, chat=False)

@@ -124,3 +124,37 @@ def test_export_refuses_a_tokenizer_json_it_cannot_read(ckpt, tmp_path, capsys, 
     rc, _, err = run(capsys, "export", "--checkpoint", ck, "--via", via, "--no-validate", "--no-tokenizer",
                      "--out", out)
     assert rc == 0 and json.loads((out / "kvtrace.json").read_text())["tokenizer"] is None
+
+
+# ------------------------------------------------ kvtrace serve: requests that are not a server error
+def test_serve_bodies_that_are_the_clients_fault(art):
+    pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
+    import socket
+    import time
+
+    from tests import serve_util as su
+
+    with su.Server(art, "--max-slots", "2", "--max-queue", "2") as s:
+        # more prompts in one request than slots + queue: it can never be admitted, so "429, retry
+        # later" would have the client retry forever
+        st, h, b = s.request("POST", "/v1/completions", {"model": "art", "prompt": [[5]] * 5, "max_tokens": 1})
+        err = json.loads(b)["error"]
+        assert st == 400 and err["param"] == "prompt" and "at most 4" in err["message"], (st, b)
+        st, _, b = s.request("POST", "/v1/completions", {"model": "art", "prompt": [[5]] * 4, "max_tokens": 1})
+        assert st == 200 and len(json.loads(b)["choices"]) == 4, b
+        # JSON nested past the parser's recursion: a bad body (it was a 500 with a traceback in the log)
+        st, _, b = s.request("POST", "/v1/completions", b"[" * 100000 + b"]" * 100000,
+                             {"Content-Type": "application/json"})
+        assert st == 400 and json.loads(b)["error"]["code"] == "invalid_json", (st, b)
+        # a client that leaves half-way through its body: counted as cancelled, not an internal error
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\": ")
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(100)
+        sock.close()
+        s.wait_metric('kvtrace_requests_total{status="cancelled"}', lambda v: v == 1)
+        time.sleep(0.2)
+        assert 'kvtrace_requests_total{status="500"}' not in s.metrics()
+        rc, log = s.stop()
+    assert rc == 0 and "Traceback" not in log and "internal error" not in log, log
