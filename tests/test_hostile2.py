@@ -158,3 +158,20 @@ def test_serve_bodies_that_are_the_clients_fault(art):
         assert 'kvtrace_requests_total{status="500"}' not in s.metrics()
         rc, log = s.stop()
     assert rc == 0 and "Traceback" not in log and "internal error" not in log, log
+
+
+# ------------------------------------------------ Python API: wrong types are named, never cast
+def test_generate_api_stop_token_ids_and_greedy_are_checked(art):
+    from kvtrace.errors import KvtraceError
+    from kvtrace.runtime.model import Model
+
+    m = Model.load(art, backend="onnxruntime")
+    bad = {"[-1]": [-1], "['x']": ["x"], "[1.5]": [1.5], "[True]": [True], "'5'": "5", "5": 5, "[V]": [m.vocab_size]}
+    for shown, stops in bad.items():  # "5" was read as the characters of a string; ['x'] a raw ValueError
+        with pytest.raises(KvtraceError, match="stop_token_ids"):
+            m.generate([[1, 2]], max_new_tokens=2, stop_token_ids=stops)
+    with pytest.raises(KvtraceError, match="greedy 'no'"):  # a truthy string was greedy decoding
+        m.generate([[1, 2]], max_new_tokens=2, greedy="no")
+    first = m.generate([[1, 2]], max_new_tokens=3)[0].token_ids
+    r = m.generate([[1, 2]], max_new_tokens=3, stop_token_ids=[first[1]])[0]
+    assert r.token_ids == first[:2] and r.finish_reason == "stop_token"
