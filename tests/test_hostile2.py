@@ -175,3 +175,21 @@ def test_generate_api_stop_token_ids_and_greedy_are_checked(art):
     first = m.generate([[1, 2]], max_new_tokens=3)[0].token_ids
     r = m.generate([[1, 2]], max_new_tokens=3, stop_token_ids=[first[1]])[0]
     assert r.token_ids == first[:2] and r.finish_reason == "stop_token"
+
+
+def test_export_refuses_a_tokenizer_whose_post_processor_adds_an_id_beyond_the_vocabulary(ckpt, tmp_path, capsys):
+    """The vocabulary fits, but the post-processor prepends a BOS id the model does not have:
+    the artifact was written (exit 0) and then refused every text prompt."""
+    import shutil
+
+    from tests import serve_util as su
+
+    ck = Path(shutil.copytree(ckpt, tmp_path / "ck"))
+    su.write_tokenizer(ck)  # 128 tokens, as the model; the post-processor prepends <s> = 0
+    j = json.loads((ck / "tokenizer.json").read_text())
+    j["post_processor"]["special_tokens"]["<s>"]["ids"] = [5000]
+    (ck / "tokenizer.json").write_text(json.dumps(j))
+    out = tmp_path / "art"
+    rc, _, err = run(capsys, "export", "--checkpoint", ck, "--no-validate", "--out", out)
+    assert rc == 2 and "adds token id 5000" in err and "post_processor" in err, err
+    assert not out.exists()
