@@ -46,6 +46,7 @@ from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError
 from . import openai_api as api
 from .metrics import CONTENT_TYPE, Registry
@@ -477,7 +478,7 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the address is printed)")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--threads", type=options.integer(1), help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; past slots + queue: 429 (default 64)")
     p.add_argument("--max-slots", type=int, help="concurrent sequences (default and maximum: the artifact's max_batch)")
@@ -489,7 +490,7 @@ def add_arguments(p) -> None:
                    help="after SIGTERM, seconds to let requests in flight finish (default 30)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.add_argument("--step-delay-ms", type=float, default=0.0,
+    p.add_argument("--step-delay-ms", type=options.number(0.0), default=0.0,
                    help="sleep before every decode step (a testing aid: makes overload, deadlines and "
                    "disconnects reproducible on a tiny model)")
 

@@ -193,3 +193,22 @@ def test_export_refuses_a_tokenizer_whose_post_processor_adds_an_id_beyond_the_v
     rc, _, err = run(capsys, "export", "--checkpoint", ck, "--no-validate", "--out", out)
     assert rc == 2 and "adds token id 5000" in err and "post_processor" in err, err
     assert not out.exists()
+
+
+def test_threads_with_backend_auto_on_an_artifact_with_an_engine(art, tmp_path, capsys):
+    """`kvtrace serve ART --threads 2` (and Model.load(ART, threads=2)) on an artifact holding a
+    TensorRT engine stopped with "TypeError: TrtBackend.__init__() got an unexpected keyword
+    argument 'threads'" instead of trying TensorRT and falling back to onnxruntime."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX builds the engine without a GPU")
+    import shutil
+
+    from kvtrace.runtime.model import Model
+
+    a = Path(shutil.copytree(art, tmp_path / "art"))
+    rc, _, err = run(capsys, "build", a, "--compute-capability", "sm89")
+    assert rc == 0, err
+    m = Model.load(a, threads=1)  # no GPU here: tensorrt is passed over with its reason
+    assert m.backend_name == "onnxruntime"
+    assert all("TypeError" not in s for s in m.skipped_backends), m.skipped_backends
+    rc, _, err = run(capsys, "serve", a, "--threads", "0")
+    assert rc == 2 and "argument --threads: 0 is out of range" in err, err
