@@ -138,7 +138,7 @@ class ExportSpec:
 
 
 def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, force: bool = False,
-                 release_weights: bool = False, log=None, where=None, **options) -> Path:
+                 release_weights: bool = False, log=None, where=None, eos_token_ids=None, **options) -> Path:
     """Export `model` (a kvtrace.models.transformer.Transformer) to the artifact directory
     `out_dir`; `options` are ExportSpec.make's (dtype, layout, max_seq, max_batch, opset, attend,
     via, validate). The model itself is the validation reference (in fp32).
@@ -154,7 +154,7 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
 
         reference = TorchReference(model, {"kind": "export", "dtype": "float32"})
     return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
-                           source=source, force=force, log=log, where=where,
+                           source=source, force=force, log=log, where=where, eos_token_ids=eos_token_ids,
                            model=model if spec.via == "trace" else None,
                            release=(lambda: _release(model)) if release_weights else None)
 
@@ -188,7 +188,8 @@ def export_checkpoint(checkpoint, out_dir, *, allow_pickle: bool = False, arch: 
             return {"kind": "checkpoint", "path": str(ck.root.absolute()), "sha256": weights.digest(), "seed": None}
 
         return export_artifact(cfg, weights, out_dir, spec, tokenizer=None if no_tokenizer else _tokenizer_of(ck.root),
-                               source=source, force=force, log=log, progress=progress, where=weights.where)
+                               source=source, force=force, log=log, progress=progress, where=weights.where,
+                               eos_token_ids=checkpoint_eos_ids(ck.root, cfg))
     finally:
         weights.close()
 
@@ -206,9 +207,28 @@ def _tokenizer_of(root: Path) -> Path | None:
     return None
 
 
+def checkpoint_eos_ids(root: Path, cfg) -> list[int] | None:
+    """Every end-of-sequence id the checkpoint declares, when it declares several: config.json's
+    and generation_config.json's `eos_token_id` (an int or a list; Llama 3.x instruct models end a
+    turn with <|eot_id|> 128009, listed after <|end_of_text|> 128001), in order, within the
+    vocabulary. None when there is at most one (the manifest then keeps the config's single id)."""
+    import json
+
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            v = json.loads((Path(root) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue  # config.json was read strictly already; generation_config.json is optional
+        for t in v if isinstance(v, list) else [v]:
+            if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size and t not in ids:
+                ids.append(t)
+    return ids if len(ids) > 1 else None
+
+
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
                     source=None, force: bool = False, log=None, release=None, model=None, where=None,
-                    progress: bool | None = None) -> Path:
+                    progress: bool | None = None, eos_token_ids=None) -> Path:
     """Write the artifact for (cfg, weights) to `out_dir`: graphs, tokenizer, manifest, validation.
 
     weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing;
@@ -276,6 +296,8 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         tok = _copy_tokenizer(tok_path, tokenizer, tmp, log)
         src = source() if callable(source) else source
         manifest = _manifest(cfg, spec, graph_info, tok, src)
+        if eos_token_ids:  # several stop ids (the runtime stops on any of them)
+            manifest["generation"]["eos_token_id"] = [int(t) for t in eos_token_ids]
         manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
         manifest["files"] = {**written.files, **manifest_mod.file_digests(
             tmp, [p.name for p in sorted(tmp.iterdir()) if p.name not in written.files])}
@@ -586,7 +608,8 @@ def _export_traced_checkpoint(ckpt: Path, out: Path, args, opts: dict) -> Path:
     source = {"kind": "checkpoint", "path": str(ckpt.absolute()), "sha256": loaded.digest, "seed": None}
     tokenizer = None if args.no_tokenizer else _tokenizer_of(ckpt)
     where = _tensor_names(loaded, ckpt)
+    spec_cfg = loaded.config
     model = loaded.model
     del loaded
     return export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
-                        where=where, **dataclasses.asdict(spec))
+                        where=where, eos_token_ids=checkpoint_eos_ids(ckpt, spec_cfg), **dataclasses.asdict(spec))

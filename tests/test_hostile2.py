@@ -212,3 +212,36 @@ def test_threads_with_backend_auto_on_an_artifact_with_an_engine(art, tmp_path, 
     assert all("TypeError" not in s for s in m.skipped_backends), m.skipped_backends
     rc, _, err = run(capsys, "serve", a, "--threads", "0")
     assert rc == 2 and "argument --threads: 0 is out of range" in err, err
+
+
+@pytest.mark.parametrize("via", ["build", "trace"])
+def test_export_keeps_every_eos_id_of_the_checkpoint(ckpt, tmp_path, capsys, via):
+    """Llama 3.x instruct checkpoints list several end ids (config.json / generation_config.json
+    "eos_token_id": [128001, 128008, 128009]); export kept the first only, so `kvtrace generate`
+    ran past the end-of-turn token 128009 to --max-new-tokens."""
+    if via == "trace":
+        pytest.importorskip("onnxscript", reason="--via trace needs onnxscript")
+    import shutil
+
+    from kvtrace.runtime.model import Model
+
+    ck = Path(shutil.copytree(ckpt, tmp_path / "ck"))
+    out = tmp_path / "plain"
+    assert run(capsys, "export", "--checkpoint", ck, "--no-validate", "--via", via, "--out", out)[0] == 0
+    free = Model.load(out, backend="onnxruntime").generate([[3, 4, 5]], max_new_tokens=8, stop_token_ids=[])[0]
+    toks = free.token_ids
+    later = toks[0]  # the first token the model produces
+    if later in (2, 127):
+        pytest.skip(f"the tiny model's first token {later} is already an end id")
+    c = json.loads((ck / "config.json").read_text())
+    c["eos_token_id"] = [c["eos_token_id"], 127]
+    (ck / "config.json").write_text(json.dumps(c))
+    g = json.loads((ck / "generation_config.json").read_text())
+    g["eos_token_id"] = [c["eos_token_id"][0], later]
+    (ck / "generation_config.json").write_text(json.dumps(g))
+    out = tmp_path / "multi"
+    assert run(capsys, "export", "--checkpoint", ck, "--no-validate", "--via", via, "--out", out)[0] == 0
+    gen = json.loads((out / "kvtrace.json").read_text())["generation"]
+    assert gen["eos_token_id"] == [c["eos_token_id"][0], 127, later]
+    r = Model.load(out, backend="onnxruntime").generate([[3, 4, 5]], max_new_tokens=8)[0]
+    assert r.finish_reason == "stop_token" and r.token_ids == [later], (r, free)
