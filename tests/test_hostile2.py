@@ -245,3 +245,13 @@ def test_export_keeps_every_eos_id_of_the_checkpoint(ckpt, tmp_path, capsys, via
     assert gen["eos_token_id"] == [c["eos_token_id"][0], 127, later]
     r = Model.load(out, backend="onnxruntime").generate([[3, 4, 5]], max_new_tokens=8)[0]
     assert r.finish_reason == "stop_token" and r.token_ids == [later], (r, free)
+
+
+def test_a_bf16_artifact_on_the_cpu_says_why_it_cannot_run(tmp_path, capsys):
+    """`kvtrace export --bf16` then `kvtrace generate`: the answer was onnxruntime's "NOT_IMPLEMENTED :
+    Could not find an implementation for MatMul(13) node with name 'n_MatMul_37'"."""
+    out = tmp_path / "bf16"
+    assert run(capsys, "export", "--arch", "llama", "--bf16", "--max-seq", "16", "--no-validate", "--out", out)[0] == 0
+    for cmd in (["generate", out, "--input-ids", "1,2", "--max-new-tokens", "1"], ["bench", out, "--batch", "1", "--prompt-len", "4", "--new-tokens", "2"]):
+        rc, _, err = run(capsys, *cmd)
+        assert rc == 2 and "is a bfloat16 artifact" in err and "--backend tensorrt" in err, err
