@@ -555,6 +555,13 @@ def _tensor_names(loaded, ckpt: Path):
 def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     t0 = time.perf_counter()
+    if args.validation != "auto":  # a mode that would not be used is a mistake, not a silent no-op
+        why = ("with --no-validate nothing is validated" if args.no_validate else
+               "it chooses how a --checkpoint export is validated; the built-in model is validated in full"
+               if not args.checkpoint else
+               "--via trace validates in full against the loaded model" if args.via == "trace" else None)
+        if why:
+            raise KvtraceError(f"--validation {args.validation}: {why}; drop --validation")
     if args.out and args.checkpoint:  # --force must never replace (or hold) the input
         options.check_apart(args.out, "--out", Path(args.checkpoint), "--checkpoint")
     if args.out and (args.out.exists() or args.out.is_symlink()):  # refuse before spending time on weights

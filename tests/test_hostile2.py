@@ -255,3 +255,18 @@ def test_a_bf16_artifact_on_the_cpu_says_why_it_cannot_run(tmp_path, capsys):
     for cmd in (["generate", out, "--input-ids", "1,2", "--max-new-tokens", "1"], ["bench", out, "--batch", "1", "--prompt-len", "4", "--new-tokens", "2"]):
         rc, _, err = run(capsys, *cmd)
         assert rc == 2 and "is a bfloat16 artifact" in err and "--backend tensorrt" in err, err
+
+
+def test_export_validation_mode_that_would_be_ignored_is_refused(ckpt, tmp_path, capsys):
+    """`--validation bounded` on a built-in model or with --via trace, `--validation full
+    --no-validate`: accepted and ignored (the manifest recorded no mode)."""
+    for argv, why in ((["--arch", "llama", "--validation", "bounded"], "built-in model is validated in full"),
+                      (["--checkpoint", ckpt, "--validation", "full", "--no-validate"], "nothing is validated"),
+                      (["--checkpoint", ckpt, "--via", "trace", "--validation", "bounded"], "--via trace")):
+        out = tmp_path / "art"
+        rc, _, err = run(capsys, "export", *argv, "--out", out)
+        assert rc == 2 and f"--validation {argv[argv.index('--validation') + 1]}: " in err and why in err, err
+        assert not out.exists()
+    out = tmp_path / "ok"
+    rc, _, err = run(capsys, "export", "--checkpoint", ckpt, "--validation", "bounded", "--out", out)
+    assert rc == 0 and json.loads((out / "kvtrace.json").read_text())["validation"]["mode"] == "bounded", err
