@@ -270,3 +270,43 @@ def test_export_validation_mode_that_would_be_ignored_is_refused(ckpt, tmp_path,
     out = tmp_path / "ok"
     rc, _, err = run(capsys, "export", "--checkpoint", ckpt, "--validation", "bounded", "--out", out)
     assert rc == 0 and json.loads((out / "kvtrace.json").read_text())["validation"]["mode"] == "bounded", err
+
+
+# ------------------------------------------------ golden files edited by hand
+def test_golden_header_and_arrays_of_the_wrong_type_are_named(art, tmp_path, capsys):
+    """A golden whose header holds a string where an object or an integer belongs, or whose
+    logits array holds text, ended in "internal error: AttributeError: 'str' object has no
+    attribute 'get'" (exit 3)."""
+    import numpy as np
+
+    g = tmp_path / "g.npz"
+    rc, _, err = run(capsys, "parity", art, "--steps", "2", "--save-golden", g)
+    assert rc == 0, err
+    z = dict(np.load(g, allow_pickle=False))
+    header = json.loads(bytes(z["header"]).decode())
+
+    def variant(name, header_edit=None, arrays_edit=None):
+        h = json.loads(json.dumps(header))
+        if header_edit:
+            header_edit(h)
+        d = {**z, "header": np.frombuffer(json.dumps(h).encode(), dtype=np.uint8)}
+        if arrays_edit:
+            arrays_edit(d)
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **d)
+        return path
+
+    cases = [(variant(k, lambda h, k=k: h.__setitem__(k, "x")), f"header '{k}' must be a JSON object")
+             for k in ("model", "artifact", "reference", "prompts", "logits")]
+    cases += [(variant("steps", lambda h: h.__setitem__("steps", "x")), "header 'steps' must be an integer"),
+              (variant("cfg", lambda h: h["model"].__setitem__("config", [1])), "header 'model.config' must be"),
+              (variant("vocab", lambda h: h["logits"].__setitem__("vocab", "128")), "header 'logits.vocab' must be"),
+              (variant("values", arrays_edit=lambda d: d.__setitem__("values", d["values"].astype("U8"))),
+               "array 'values' has dtype <U8"),
+              (variant("ids", arrays_edit=lambda d: d.__setitem__("tokens", d["tokens"].astype(np.float32))),
+               "array 'tokens' has dtype float32")]
+    for path, msg in cases:
+        rc, _, err = run(capsys, "parity", art, "--golden", path)
+        assert rc == 2 and msg in err and "internal error" not in err, (path.name, err)
+    rc, _, err = run(capsys, "parity", art, "--golden", variant("same"))  # the unedited content still passes
+    assert rc == 0, err
