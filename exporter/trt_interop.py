@@ -104,7 +104,7 @@ def import_engine(artifact_dir, engine, *, max_batch=None, max_seq=None, opt_bat
 
     The profile options describe how the engine was built (the `--print-trtexec` command with the
     same options). With a GPU the engine's own profiles are read and recorded instead."""
-    from kvtrace.exporter.trt import ENGINE_NAME, plan_profiles
+    from kvtrace.exporter.trt import ENGINE_NAME, commit_engine, plan_profiles
 
     d = Path(artifact_dir)
     manifest = load_manifest(d)
@@ -179,10 +179,15 @@ def import_engine(artifact_dir, engine, *, max_batch=None, max_seq=None, opt_bat
         "layers": None,
         "imported": {"from": str(src), "checked": checked, "not_checked": unchecked, "profiles": profile_source},
     }
-    if src.resolve() != engine_path.resolve():
-        files.atomic_write_bytes(engine_path, blob)
     data["tensorrt"] = section
-    write_manifest(d, data)
+    # the manifest's file record follows the engine (a stale size/sha256 of an earlier engine made
+    # the artifact unloadable: "model.engine: N bytes, but manifest key 'files.model.engine.bytes' ...")
+    data["files"] = {**(data.get("files") or {}), ENGINE_NAME: {"bytes": len(blob),
+                                                                "sha256": section["engine_sha256"]}}
+    if src.resolve() != engine_path.resolve():
+        commit_engine(d, blob, data)  # the engine and the manifest naming it together, or neither
+    else:
+        write_manifest(d, data)
     return {**section, "engine_path": str(engine_path)}
 
 

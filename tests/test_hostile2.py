@@ -310,3 +310,36 @@ def test_golden_header_and_arrays_of_the_wrong_type_are_named(art, tmp_path, cap
         assert rc == 2 and msg in err and "internal error" not in err, (path.name, err)
     rc, _, err = run(capsys, "parity", art, "--golden", variant("same"))  # the unedited content still passes
     assert rc == 0, err
+
+
+# ------------------------------------------------ kvtrace build --import after a build
+def test_import_after_a_build_keeps_the_artifact_loadable(art, tmp_path, capsys):
+    """`kvtrace build ART` then `kvtrace build ART --import OTHER.engine` (or trtexec writing
+    ART/model.engine, then `--import ART/model.engine`, README's deploy flow): the manifest kept
+    the first engine's size and sha256 under 'files', so every later load failed with
+    "model.engine: N bytes, but manifest key 'files.model.engine.bytes' records M ... export the
+    artifact again"."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX builds the engines without a GPU")
+    import hashlib
+    import shutil
+
+    from kvtrace.manifest import load_manifest, verify_files
+
+    a = Path(shutil.copytree(art, tmp_path / "art"))
+    assert run(capsys, "build", a, "--compute-capability", "sm89", "--max-batch", "2")[0] == 0
+    other = tmp_path / "other.engine"
+    shutil.copyfile(a / "model.engine", other)
+    assert run(capsys, "build", a, "--compute-capability", "sm89", "--max-batch", "3")[0] == 0
+    assert other.read_bytes() != (a / "model.engine").read_bytes()
+    for src in (other, a / "model.engine"):
+        if src != other:  # trtexec --saveEngine=ART/model.engine over the recorded engine
+            assert run(capsys, "build", a, "--compute-capability", "sm89", "--max-batch", "3")[0] == 0
+            shutil.copyfile(other, a / "model.engine")
+        rc, _, err = run(capsys, "build", a, "--import", src)
+        assert rc == 0, err
+        m = load_manifest(a)
+        verify_files(m, full=True)  # raised before the fix
+        want = hashlib.sha256(other.read_bytes()).hexdigest()
+        assert m.data["files"]["model.engine"]["sha256"] == want == m.data["tensorrt"]["engine_sha256"]
+        rc, _, err = run(capsys, "generate", a, "--input-ids", "1,2", "--max-new-tokens", "1")
+        assert rc == 0, err  # no GPU: tensorrt passed over, onnxruntime runs; the manifest is consistent
