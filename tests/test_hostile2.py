@@ -343,3 +343,18 @@ def test_import_after_a_build_keeps_the_artifact_loadable(art, tmp_path, capsys)
         assert m.data["files"]["model.engine"]["sha256"] == want == m.data["tensorrt"]["engine_sha256"]
         rc, _, err = run(capsys, "generate", a, "--input-ids", "1,2", "--max-new-tokens", "1")
         assert rc == 0, err  # no GPU: tensorrt passed over, onnxruntime runs; the manifest is consistent
+
+
+def test_a_damaged_engine_points_to_kvtrace_build_not_to_a_new_export(art, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX builds the engine without a GPU")
+    import shutil
+
+    a = Path(shutil.copytree(art, tmp_path / "art"))
+    assert run(capsys, "build", a, "--compute-capability", "sm89")[0] == 0
+    with open(a / "model.engine", "ab") as f:
+        f.write(b"x")
+    rc, _, err = run(capsys, "generate", a, "--input-ids", "1", "--max-new-tokens", "1")
+    assert rc == 2 and "model.engine" in err and "build the engine again" in err and "export" not in err, err
+    (a / "model.engine").unlink()
+    rc, _, err = run(capsys, "generate", a, "--input-ids", "1", "--max-new-tokens", "1")
+    assert rc == 2 and "missing" in err and "build the engine again" in err, err
