@@ -513,6 +513,17 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_api_key(args) -> None:
+    """A key no client can send would lock everyone out; an explicitly empty one would serve with
+    no key at all (`--api-key "$KEY"` with KEY unset)."""
+    if args.api_key is not None and not args.api_key:
+        raise KvtraceError("--api-key '': empty; leave --api-key out to serve without a key")
+    name, key = ("--api-key", args.api_key) if args.api_key else ("$KVTRACE_API_KEY", os.environ.get("KVTRACE_API_KEY"))
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        raise KvtraceError(f"{name}: the key must be printable ASCII without spaces: clients send it in an HTTP "
+                           "header ('Authorization: Bearer KEY'), which cannot carry it as given")
+
+
 def main(args) -> int:
     import uvicorn
 
@@ -530,6 +541,7 @@ def main(args) -> int:
             raise KvtraceError(f"{name} {v}: must be a positive number of seconds")
     if args.step_delay_ms < 0:
         raise KvtraceError(f"--step-delay-ms {args.step_delay_ms}: must be >= 0")
+    _check_api_key(args)
     load_manifest(args.artifact)  # a bad artifact fails here, in one line, before anything listens
     logging.basicConfig(level=logging.WARNING, format="kvtrace serve: %(message)s", stream=sys.stderr)
     state = ServerState(args)

@@ -358,3 +358,18 @@ def test_a_damaged_engine_points_to_kvtrace_build_not_to_a_new_export(art, tmp_p
     (a / "model.engine").unlink()
     rc, _, err = run(capsys, "generate", a, "--input-ids", "1", "--max-new-tokens", "1")
     assert rc == 2 and "missing" in err and "build the engine again" in err, err
+
+
+def test_serve_refuses_an_api_key_no_client_can_send(art, capsys, monkeypatch):
+    """`--api-key sécret` started a server that answered 401 to every request (HTTP headers are
+    not UTF-8; the openai client cannot even send it); `--api-key ""` (an unset shell variable)
+    served with no key at all."""
+    pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
+    monkeypatch.delenv("KVTRACE_API_KEY", raising=False)
+    for key, msg in (("sécret", "--api-key: the key must be printable ASCII"), ("two words", "without spaces"),
+                     ("", "--api-key '': empty")):
+        rc, _, err = run(capsys, "serve", art, "--port", "0", "--api-key", key)
+        assert rc == 2 and msg in err, err
+    monkeypatch.setenv("KVTRACE_API_KEY", "tab\\there".replace("\\t", "\t"))
+    rc, _, err = run(capsys, "serve", art, "--port", "0")
+    assert rc == 2 and "$KVTRACE_API_KEY: the key must be printable ASCII" in err, err
