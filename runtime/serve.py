@@ -115,6 +115,9 @@ class ServerState:
 def _warm_up(engine: Engine) -> None:
     """One prefill and one step before reporting ready: onnxruntime's first runs allocate and
     plan, which would otherwise land on the first requests."""
+    if engine.model.max_seq < 2:  # a prompt of one token and one new token need two positions
+        raise KvtraceError(f"the artifact holds {engine.model.max_seq} position(s): no request could fit a prompt "
+                           "and a completion; export it with a larger --max-seq")
     s = engine.slots
     b = s.acquire()
     try:

@@ -373,3 +373,13 @@ def test_serve_refuses_an_api_key_no_client_can_send(art, capsys, monkeypatch):
     monkeypatch.setenv("KVTRACE_API_KEY", "tab\\there".replace("\\t", "\t"))
     rc, _, err = run(capsys, "serve", art, "--port", "0")
     assert rc == 2 and "$KVTRACE_API_KEY: the key must be printable ASCII" in err, err
+
+
+def test_serve_an_artifact_with_one_position_says_why_it_cannot_serve(tmp_path, capsys):
+    """`--max-seq 1` (or max_position_embeddings 1): the server stopped with "empty prompt (give
+    at least one token, e.g. BOS)", a message about a prompt nobody sent."""
+    pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
+    out = tmp_path / "one"
+    assert run(capsys, "export", "--arch", "llama", "--max-seq", "1", "--no-validate", "--out", out)[0] == 0
+    rc, _, err = run(capsys, "serve", out, "--port", "0", "--backend", "onnxruntime")
+    assert rc == 2 and "holds 1 position(s)" in err and "--max-seq" in err and "empty prompt" not in err, err
