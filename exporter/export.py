@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -168,7 +169,7 @@ class ExportSpec:
 
 
 def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, force: bool = False,
-                 release_weights: bool = False, log=None, where=None, **options) -> Path:
+                 release_weights: bool = False, log=None, where=None, eos_token_ids=None, **options) -> Path:
     """Export `model` (a kvtrace.models.transformer.Transformer) to the artifact directory
     `out_dir`; `options` are ExportSpec.make's (dtype, layout, max_seq, max_batch, opset, attend,
     via, validate). The model itself is the validation reference (in fp32).
@@ -186,7 +187,7 @@ def export_model(model, out_dir, *, tokenizer=None, source: dict | None = None, 
         if spec.quant is not None:  # judged against the same weights quantised; accuracy against the original
             reference, accuracy_reference = quantized_reference(reference, spec.quant_spec, spec.dtype), reference
     return export_artifact(model.cfg, TorchWeights(model), out_dir, spec, reference=reference, tokenizer=tokenizer,
-                           source=source, force=force, log=log, where=where,
+                           source=source, force=force, log=log, where=where, eos_token_ids=eos_token_ids,
                            model=model if spec.via == "trace" else None,
                            release=(lambda: _release(model)) if release_weights else None,
                            accuracy_reference=accuracy_reference)
@@ -220,15 +221,48 @@ def export_checkpoint(checkpoint, out_dir, *, allow_pickle: bool = False, arch: 
         def source():
             return {"kind": "checkpoint", "path": str(ck.root.absolute()), "sha256": weights.digest(), "seed": None}
 
-        return export_artifact(cfg, weights, out_dir, spec, tokenizer=None if no_tokenizer else ck.tokenizer_file,
-                               source=source, force=force, log=log, progress=progress, where=weights.where)
+        return export_artifact(cfg, weights, out_dir, spec, tokenizer=None if no_tokenizer else _tokenizer_of(ck.root),
+                               source=source, force=force, log=log, progress=progress, where=weights.where,
+                               eos_token_ids=checkpoint_eos_ids(ck.root, cfg))
     finally:
         weights.close()
 
 
+def _tokenizer_of(root: Path) -> Path | None:
+    """The checkpoint's tokenizer.json to copy, or None when it has none. A tokenizer.json that is
+    there but cannot be read as a file (a dangling symlink -- a copied Hugging Face cache snapshot
+    --, a directory) is an error, not an artifact silently exported without its tokenizer."""
+    tok = Path(root) / "tokenizer.json"
+    if tok.is_file():
+        return tok
+    if tok.is_symlink() or tok.exists():
+        what = "not a regular file" if tok.exists() else f"a symlink to {os.readlink(tok)}, which does not exist"
+        raise KvtraceError(f"{tok}: {what}; fix or remove it, or export with --no-tokenizer")
+    return None
+
+
+def checkpoint_eos_ids(root: Path, cfg) -> list[int] | None:
+    """Every end-of-sequence id the checkpoint declares, when it declares several: config.json's
+    and generation_config.json's `eos_token_id` (an int or a list; Llama 3.x instruct models end a
+    turn with <|eot_id|> 128009, listed after <|end_of_text|> 128001), in order, within the
+    vocabulary. None when there is at most one (the manifest then keeps the config's single id)."""
+    import json
+
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            v = json.loads((Path(root) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue  # config.json was read strictly already; generation_config.json is optional
+        for t in v if isinstance(v, list) else [v]:
+            if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size and t not in ids:
+                ids.append(t)
+    return ids if len(ids) > 1 else None
+
+
 def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, reference=None, tokenizer=None,
                     source=None, force: bool = False, log=None, release=None, model=None, where=None,
-                    progress: bool | None = None, accuracy_reference=None) -> Path:
+                    progress: bool | None = None, accuracy_reference=None, eos_token_ids=None) -> Path:
     """Write the artifact for (cfg, weights) to `out_dir`: graphs, tokenizer, manifest, validation.
 
     weights: canonical names (cfg.param_shapes()) -> arrays, read one at a time while writing;
@@ -299,6 +333,8 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         tok = _copy_tokenizer(tok_path, tokenizer, tmp, log)
         src = source() if callable(source) else source
         manifest = _manifest(cfg, spec, graph_info, tok, src)
+        if eos_token_ids:  # several stop ids (the runtime stops on any of them)
+            manifest["generation"]["eos_token_id"] = [int(t) for t in eos_token_ids]
         manifest["graphs"] = {gpu_form.FORM: gpu_info}  # other graph forms beside model.onnx
         manifest["files"] = {**written.files, **manifest_mod.file_digests(
             tmp, [p.name for p in sorted(tmp.iterdir()) if p.name not in written.files])}
@@ -579,6 +615,13 @@ def _tensor_names(loaded, ckpt: Path):
 def main(args) -> int:
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     t0 = time.perf_counter()
+    if args.validation != "auto":  # a mode that would not be used is a mistake, not a silent no-op
+        why = ("with --no-validate nothing is validated" if args.no_validate else
+               "it chooses how a --checkpoint export is validated; the built-in model is validated in full"
+               if not args.checkpoint else
+               "--via trace validates in full against the loaded model" if args.via == "trace" else None)
+        if why:
+            raise KvtraceError(f"--validation {args.validation}: {why}; drop --validation")
     if args.out and args.checkpoint:  # --force must never replace (or hold) the input
         options.check_apart(args.out, "--out", Path(args.checkpoint), "--checkpoint")
     if args.out and (args.out.exists() or args.out.is_symlink()):  # refuse before spending time on weights
@@ -631,9 +674,10 @@ def _export_traced_checkpoint(ckpt: Path, out: Path, args, opts: dict) -> Path:
     loaded = load_checkpoint(ckpt, allow_pickle=args.allow_pickle)
     spec = ExportSpec.make(loaded.config, **opts)
     source = {"kind": "checkpoint", "path": str(ckpt.absolute()), "sha256": loaded.digest, "seed": None}
-    tokenizer = None if args.no_tokenizer else loaded.tokenizer_file
+    tokenizer = None if args.no_tokenizer else _tokenizer_of(ckpt)
     where = _tensor_names(loaded, ckpt)
+    spec_cfg = loaded.config
     model = loaded.model
     del loaded
     return export_model(model, out, tokenizer=tokenizer, source=source, force=args.force, release_weights=True,
-                        where=where, **dataclasses.asdict(spec))
+                        where=where, eos_token_ids=checkpoint_eos_ids(ckpt, spec_cfg), **dataclasses.asdict(spec))

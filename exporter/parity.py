@@ -23,6 +23,7 @@ Exit 0 (pass) or 1 (ParityFailure); 2 for bad input (a golden for another model 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kvtrace import options
@@ -222,22 +223,15 @@ def _check_outputs(args) -> None:
     """Before anything runs: each output's directory exists, no two outputs share a path, and
     no output overwrites the golden being replayed or a file of the artifact."""
     seen = {}
-    art = Path(args.artifact).absolute()
     if getattr(args, "golden", None):
-        seen[Path(args.golden).absolute()] = "--golden"
+        seen[Path(os.path.realpath(args.golden))] = "--golden"
     for attr, opt in OUTPUTS:
         v = getattr(args, attr, None)
         if not v:
             continue
-        path = Path(v).absolute()
-        if not path.parent.is_dir():
-            raise KvtraceError(f"{opt} {v}: directory {path.parent} does not exist")
-        if path.is_dir():
-            raise KvtraceError(f"{opt} {v}: is a directory; name a file")
+        path = options.check_report_file(opt, v, args.artifact)  # symlinks resolved
         if path in seen:
             raise KvtraceError(f"{opt} {v}: the same file as {seen[path]}")
-        if path.parent == art:
-            raise KvtraceError(f"{opt} {v}: inside the artifact directory {args.artifact}; write it elsewhere")
         seen[path] = opt
 
 

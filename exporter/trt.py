@@ -373,6 +373,7 @@ def _check_writable(d: Path, timing_cache) -> None:
             raise KvtraceError(f"--timing-cache {tc}: is a directory; name a file (e.g. {tc / 'timing.cache'})")
         if not tc.parent.is_dir():
             raise KvtraceError(f"--timing-cache {tc}: directory {tc.parent} does not exist")
+        options.check_report_file("--timing-cache", tc, d)  # never over a file of the artifact
         if not os.access(tc.parent, os.W_OK | os.X_OK) or (tc.exists() and not os.access(tc, os.R_OK)):
             raise KvtraceError(f"--timing-cache {tc}: cannot be read or written there")
 

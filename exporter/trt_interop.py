@@ -104,15 +104,24 @@ def import_engine(artifact_dir, engine, *, max_batch=None, max_seq=None, opt_bat
 
     The profile options describe how the engine was built (the `--print-trtexec` command with the
     same options). With a GPU the engine's own profiles are read and recorded instead."""
-    from kvtrace.exporter.trt import ENGINE_NAME, plan_profiles
+    from kvtrace.exporter.trt import ENGINE_NAME, commit_engine, plan_profiles
 
     d = Path(artifact_dir)
     manifest = load_manifest(d)
     data = dict(manifest.data)
     io = data["io"]
     src = Path(engine)
-    try:
-        blob = src.read_bytes()
+    try:  # the magic first: a wrong file (a device, a FIFO, a 13 GB weight file) is refused unread
+        if src.exists() and not src.is_file():
+            raise KvtraceError(f"--import {src}: not a regular file; name the engine file")
+        with open(src, "rb") as f:
+            head = f.read(4)
+            if head not in trt_engine.MAGIC:
+                try:
+                    trt_engine.read_header(head, f"--import {src}")
+                except ValueError as e:
+                    raise KvtraceError(str(e)) from None
+            blob = head + f.read()
     except OSError as e:
         raise KvtraceError(f"--import {src}: cannot read the engine ({e.strerror or e})") from None
     try:
@@ -170,10 +179,15 @@ def import_engine(artifact_dir, engine, *, max_batch=None, max_seq=None, opt_bat
         "layers": None,
         "imported": {"from": str(src), "checked": checked, "not_checked": unchecked, "profiles": profile_source},
     }
-    if src.resolve() != engine_path.resolve():
-        files.atomic_write_bytes(engine_path, blob)
     data["tensorrt"] = section
-    write_manifest(d, data)
+    # the manifest's file record follows the engine (a stale size/sha256 of an earlier engine made
+    # the artifact unloadable: "model.engine: N bytes, but manifest key 'files.model.engine.bytes' ...")
+    data["files"] = {**(data.get("files") or {}), ENGINE_NAME: {"bytes": len(blob),
+                                                                "sha256": section["engine_sha256"]}}
+    if src.resolve() != engine_path.resolve():
+        commit_engine(d, blob, data)  # the engine and the manifest naming it together, or neither
+    else:
+        write_manifest(d, data)
     return {**section, "engine_path": str(engine_path)}
 
 

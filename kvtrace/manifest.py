@@ -369,23 +369,28 @@ def verify_files(manifest: Manifest, *, full: bool = False, limit: int | None = 
         return {}
     limit = HASH_LIMIT if limit is None else limit
     done = {}
+    trt = manifest.data.get("tensorrt")
+    engine = trt.get("engine") if isinstance(trt, dict) else None
     for name, entry in files.items():
         p = manifest.dir / name
         key = f"files.{name}"
+        # the engine is `kvtrace build`'s: rebuilding it (or importing it again) is the remedy
+        again = ("build the engine again (`kvtrace build`, or `kvtrace build --import`)" if name == engine
+                 else "export the artifact again")
         if not p.is_file():
             raise KvtraceError(f"{p}: missing (the manifest {manifest_path(manifest.dir)} lists it under '{key}'); "
-                               "the artifact is incomplete: export it again")
+                               f"the artifact is incomplete: {again}")
         size = p.stat().st_size
         if size != entry["bytes"]:
             how = "truncated" if size < entry["bytes"] else "longer than written"
             raise KvtraceError(f"{p}: {size} bytes, but manifest key '{key}.bytes' records {entry['bytes']}: the file "
-                               f"is {how} or was replaced after export; export the artifact again")
+                               f"is {how} or was replaced after it was written; {again}")
         if full or size <= limit:
             digest = sha256_file(p)
             if digest != entry["sha256"]:
                 raise KvtraceError(f"{p}: sha256 {digest[:16]}... differs from manifest key '{key}.sha256' "
-                                   f"({entry['sha256'][:16]}...): the file is corrupted or was changed after export; "
-                                   "export the artifact again")
+                                   f"({entry['sha256'][:16]}...): the file is corrupted or was changed after it was "
+                                   f"written; {again}")
             done[name] = "sha256"
         else:
             done[name] = "size"

@@ -212,6 +212,22 @@ def _real(p: Path) -> Path:
     return Path(os.path.realpath(p))
 
 
+def check_report_file(opt: str, value, artifact) -> Path:
+    """A report file the command will write (--json, --junit-xml, --save-golden ...): its directory
+    exists, it is not a directory, and it does not land inside the artifact directory -- compared
+    with symlinks resolved, so `LINK/kvtrace.json` (LINK -> the artifact) or a link to the manifest
+    cannot overwrite a file of the artifact."""
+    path = Path(value)
+    if not path.parent.is_dir():
+        raise KvtraceError(f"{opt} {value}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise KvtraceError(f"{opt} {value}: is a directory; name a file")
+    real, art = _real(path), _real(Path(artifact))
+    if art == real or art in real.parents:
+        raise KvtraceError(f"{opt} {value}: inside the artifact directory {artifact}; write it elsewhere")
+    return real
+
+
 def check_apart(out: Path, out_name: str, src: Path, src_name: str) -> None:
     """Refuse an output directory that is the input, lies inside it, or holds it (replacing the
     output would delete the input, or the input would be read while it is replaced)."""

@@ -326,6 +326,10 @@ class OrtBackend:
                 self.session = ort.InferenceSession(str(onnx_file), sess_options=options(),
                                                     providers=["CPUExecutionProvider"])
             except Exception as e:
+                if _manifest_get(manifest, "dtype", None) == "bfloat16" and "NOT_IMPLEMENTED" in str(e):
+                    raise KvtraceError(f"{artifact_dir} is a bfloat16 artifact, and onnxruntime's CPU provider has "
+                                       "no bfloat16 kernels (MatMul); run it on a GPU (--backend tensorrt or "
+                                       "onnxruntime-cuda), or export float32 / --fp16 for the CPU") from e
                 raise KvtraceError(f"onnxruntime cannot load {onnx_file}: {e}") from e
         self.onnx_file = onnx_file
         self.cuda_graph = capture

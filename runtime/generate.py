@@ -130,7 +130,14 @@ def _stop_ids(model, stop_token_ids) -> set[int]:
         if eos is None:
             return set()
         return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-    return {int(t) for t in stop_token_ids}
+    if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+        raise KvtraceError(f"stop_token_ids {stop_token_ids!r}: expected a list of token ids")
+    V = model.vocab_size
+    ids = set()
+    for t in stop_token_ids:  # an id that can never be produced would never stop anything
+        t = check_int("stop_token_ids", t, 0, V - 1)
+        ids.add(t)
+    return ids
 
 
 def _prompt_ids(model, prompts) -> list[list[int]]:
@@ -173,6 +180,8 @@ def generate(model, prompts, *, max_new_tokens: int = 32, greedy: bool | None = 
     check_int("max_new_tokens", max_new_tokens, 0, None)
     if seed is not None:
         check_int("seed", seed, 0, SEED_MAX)
+    if greedy is not None and not isinstance(greedy, bool):
+        raise KvtraceError(f"greedy {greedy!r}: expected True, False or None")
     params = SamplingParams.make(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty)
     if stop_strings and model.tokenizer is None:

@@ -276,6 +276,29 @@ def load(path) -> Golden:
         if not cond:
             raise KvtraceError(f"{label}: {what}")
 
+    # the header's shape (a hand-edited or foreign file): objects where objects are read, integers
+    # where integers are read, numeric arrays -- named, instead of an internal error later
+    def obj(key, v, null=False):
+        need(isinstance(v, dict) or (null and v is None), f"header '{key}' must be a JSON object, got {v!r:.40}")
+
+    def count(key, v, lo):
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+             f"header '{key}' must be an integer >= {lo}, got {v!r:.40}")
+
+    for key in ("model", "logits", "prompts", "reference"):
+        obj(key, header[key])
+    obj("artifact", header.get("artifact"), null=True)
+    for key in ("config", "source"):
+        obj(f"model.{key}", header["model"].get(key), null=True)
+    obj("artifact.digest", (header.get("artifact") or {}).get("digest"), null=True)
+    count("steps", header["steps"], 0)
+    for key in ("vocab", "top", "stored"):
+        count(f"logits.{key}", lg.get(key), 1)
+    for n in ARRAYS:
+        if n != "header":
+            need(a[n].dtype.kind in ("iu" if n in ("prompt_lengths", "prompt_ids", "tokens", "indices") else "fiu"),
+                 f"array '{n}' has dtype {a[n].dtype}, not a number type")
+
     lengths = a["prompt_lengths"]
     need(lengths.ndim == 1 and lengths.size >= 1 and (lengths >= 1).all(), "prompt_lengths must be positive (B,)")
     B = int(lengths.size)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from kvtrace import files, options
 from kvtrace.errors import KvtraceError
 
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
@@ -295,10 +295,10 @@ def add_arguments(p) -> None:
     p.add_argument("artifact")
     p.add_argument("--json", metavar="FILE", help="also write the report to FILE (JSON)")
     p.add_argument("--backends", nargs="+", choices=GPU_BACKENDS, default=list(GPU_BACKENDS))
-    p.add_argument("--batch", type=int, help="rows of the ragged batch (default 3, or the artifact's max batch)")
-    p.add_argument("--prompt-len", type=int, help="longest prompt (default 16, or what the cache leaves room for)")
-    p.add_argument("--steps", type=int, default=8, help="decode steps (default 8)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
+    p.add_argument("--batch", type=options.integer(1), help="rows of the ragged batch (default 3, or the artifact's max batch)")
+    p.add_argument("--prompt-len", type=options.integer(1), help="longest prompt (default 16, or what the cache leaves room for)")
+    p.add_argument("--steps", type=options.integer(1), default=8, help="decode steps (default 8)")
+    p.add_argument("--repeats", type=options.integer(1), default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--allow-cpu-nodes", action="store_true",
                    help="onnxruntime-cuda: run even if some nodes are placed on the CPU (reported)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' generate on the GPU")
@@ -306,23 +306,12 @@ def add_arguments(p) -> None:
 
 
 def _write_json(path: Path, report: dict) -> None:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise KvtraceError(f"--json {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.atomic_write_text(Path(path), json.dumps(report, indent=2, default=str) + "\n", what="--json")
 
 
 def main(args) -> int:
-    if args.json and not Path(args.json).parent.is_dir():
-        raise KvtraceError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+    if args.json:  # before anything runs; never a file of the artifact (symlinks resolved)
+        options.check_report_file("--json", args.json, args.artifact)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     report = gpu_check(args.artifact, backends=args.backends, batch=args.batch, prompt_len=args.prompt_len,

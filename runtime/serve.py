@@ -42,10 +42,11 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request as HttpRequest
+from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kvtrace import options
 from kvtrace.errors import KvtraceError
 from . import openai_api as api
 from .metrics import CONTENT_TYPE, Registry
@@ -114,6 +115,9 @@ class ServerState:
 def _warm_up(engine: Engine) -> None:
     """One prefill and one step before reporting ready: onnxruntime's first runs allocate and
     plan, which would otherwise land on the first requests."""
+    if engine.model.max_seq < 2:  # a prompt of one token and one new token need two positions
+        raise KvtraceError(f"the artifact holds {engine.model.max_seq} position(s): no request could fit a prompt "
+                           "and a completion; export it with a larger --max-seq")
     s = engine.slots
     b = s.acquire()
     try:
@@ -175,6 +179,9 @@ async def _json_body(state: ServerState, request: HttpRequest) -> dict:
 
     try:
         data = json.loads(bytes(body), parse_constant=no_constants)
+    except RecursionError:  # '[[[[...' nested deeper than the parser recurses: a bad body, not a 500
+        raise api.ApiError(400, "We could not parse the JSON body of your request: nested too deeply",
+                           code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise api.ApiError(400, f"We could not parse the JSON body of your request: {e}",
                            code="invalid_json") from None
@@ -295,6 +302,11 @@ class _Job:
     # ------------------------------------------------------------------ run
     async def respond(self, request: HttpRequest) -> Response:
         st = self.state
+        most = st.engine.capacity + st.engine.max_queue
+        if len(self.reqs) > most:  # would never fit, however long the client waits: not a 429
+            raise api.ApiError(400, f"this request holds {len(self.reqs)} prompts; this server takes at most {most} "
+                               "at once (slots + --max-queue): send them in smaller requests",
+                               param="messages" if self.chat else "prompt")
         try:
             st.engine.submit(self.reqs)
         except Overloaded as e:
@@ -408,6 +420,9 @@ def build_app(state: ServerState) -> Starlette:
             return await job.respond(request)
         except api.ApiError as e:
             return _error(state, e)
+        except ClientDisconnect:  # the client left while sending its body: nothing ran, nobody to answer
+            state.m_requests.inc(status="cancelled")
+            return Response(status_code=499)
 
     async def completions(request):
         return await generation(request, chat=False)
@@ -466,7 +481,7 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the address is printed)")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, onnxruntime-cuda, tensorrt")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--threads", type=options.integer(1), help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; past slots + queue: 429 (default 64)")
     p.add_argument("--max-slots", type=int, help="concurrent sequences (default and maximum: the artifact's max_batch)")
@@ -478,7 +493,7 @@ def add_arguments(p) -> None:
                    help="after SIGTERM, seconds to let requests in flight finish (default 30)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.add_argument("--step-delay-ms", type=float, default=0.0,
+    p.add_argument("--step-delay-ms", type=options.number(0.0), default=0.0,
                    help="sleep before every decode step (a testing aid: makes overload, deadlines and "
                    "disconnects reproducible on a tiny model)")
 
@@ -501,6 +516,17 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_api_key(args) -> None:
+    """A key no client can send would lock everyone out; an explicitly empty one would serve with
+    no key at all (`--api-key "$KEY"` with KEY unset)."""
+    if args.api_key is not None and not args.api_key:
+        raise KvtraceError("--api-key '': empty; leave --api-key out to serve without a key")
+    name, key = ("--api-key", args.api_key) if args.api_key else ("$KVTRACE_API_KEY", os.environ.get("KVTRACE_API_KEY"))
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        raise KvtraceError(f"{name}: the key must be printable ASCII without spaces: clients send it in an HTTP "
+                           "header ('Authorization: Bearer KEY'), which cannot carry it as given")
+
+
 def main(args) -> int:
     import uvicorn
 
@@ -518,6 +544,7 @@ def main(args) -> int:
             raise KvtraceError(f"{name} {v}: must be a positive number of seconds")
     if args.step_delay_ms < 0:
         raise KvtraceError(f"--step-delay-ms {args.step_delay_ms}: must be >= 0")
+    _check_api_key(args)
     load_manifest(args.artifact)  # a bad artifact fails here, in one line, before anything listens
     logging.basicConfig(level=logging.WARNING, format="kvtrace serve: %(message)s", stream=sys.stderr)
     state = ServerState(args)

@@ -136,4 +136,11 @@ def check_tokenizer_file(path: str | Path, vocab_size: int) -> int:
                            f"{vocab_size} (config.json vocab_size; {beyond} token(s) out of range): this tokenizer "
                            "belongs to another model. Put the model's own tokenizer.json beside it, or export "
                            "with --no-tokenizer")
-    return top
+    # ids the pipeline adds itself (a post-processor's BOS/EOS are not in the vocabulary)
+    probe = tok._tok.encode("Hello", add_special_tokens=True).ids
+    if probe and max(probe) >= vocab_size:
+        raise KvtraceError(f"tokenizer file {path}: encoding a prompt adds token id {max(probe)} (its "
+                           f"post-processor's special tokens), beyond the model's vocabulary of {vocab_size} "
+                           "(config.json vocab_size): every text prompt would be refused. Fix the tokenizer's "
+                           "post_processor, or export with --no-tokenizer")
+    return max(top, max(probe, default=0))

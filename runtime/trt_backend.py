@@ -223,8 +223,10 @@ class TrtBackend:
     device = "cuda"
 
     def __init__(self, artifact_dir: Path, manifest, *, device_index: int = 0, log_level: str = "ERROR",
-                 cuda_graph: bool | None = None, allow_cpu_nodes: bool = False):
-        # allow_cpu_nodes: accepted for option parity with onnxruntime-cuda; TensorRT runs every layer on the GPU
+                 cuda_graph: bool | None = None, allow_cpu_nodes: bool = False, threads: int | None = None):
+        # allow_cpu_nodes: accepted for option parity with onnxruntime-cuda; TensorRT runs every layer on the GPU.
+        # threads (onnxruntime's intra-op threads): accepted so that backend="auto" with threads=N can
+        # try this backend first (a TypeError ended the fallback); TensorRT has no such setting
         self.cuda = None
         self.context = self.engine = self._runtime = None
         self._closed = False
