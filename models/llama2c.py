@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import struct
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def convert(bin_path, out_dir, *, force: bool = False) -> Path:
     if out.exists() or out.is_symlink():
         files.check_replaceable(out, force=force, is_ours=not_a_conversion)
     config, tensors = read_llama2c(bin_path)  # all validation before anything is written
+    for msg in files.remove_stale(out):  # what a killed conversion to the same --out left beside it
+        print(f"kvtrace convert-llama2c: {msg.replace('an export', 'a run')}", file=sys.stderr)
     tmp, made_parents = files.staging_dir(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -199,3 +199,22 @@ def test_existing_output_needs_force(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "kvtrace-convert.json", "model.safetensors"]
     _no_leftovers(tmp_path, {"m.bin", "hf"})
     shutil.rmtree(out)
+
+
+def test_stale_staging_of_a_killed_conversion_is_removed(tmp_path, capsys):
+    """What a killed conversion to the same --out left (.OUT.tmp-PID-*, PID dead) is removed by the
+    next conversion, which says so; a live process's directory is left alone."""
+    import subprocess
+
+    src = _write_v0(tmp_path / "m.bin", shared=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".hf.tmp-{dead.pid}-abcdef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".hf.tmp-{os.getpid()}-live01"  # this process is alive
+    live.mkdir()
+    assert cli(["convert-llama2c", str(src), "--out", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert not stale.exists() and f"removed {stale}" in err
+    assert live.exists()
