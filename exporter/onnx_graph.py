@@ -90,7 +90,7 @@ def to_dtype(arr: np.ndarray, dtype: str) -> np.ndarray:
     raise KvtraceError(f"dtype {dtype!r}: expected one of {', '.join(ONNX_DTYPE)}")
 
 
-def transposed(a: np.ndarray, out: np.ndarray | None = None, block: int = 64) -> np.ndarray:
+def transposed(a: np.ndarray, out: np.ndarray | None = None, block: int = 256) -> np.ndarray:
     """a (m, n) -> a.T as a C-contiguous (n, m) array (or written into `out`, a view).
 
     Copied `block` rows at a time: a plain np.ascontiguousarray(a.T) walks memory with a

@@ -40,6 +40,7 @@ from .checkpoint import Checkpoint, Entry, digest_files, tied_head_error
 from .hf import split_tensor
 
 _PAGE = mmap.PAGESIZE
+_KEEP = 8  # tensors kept listed for another release() (see release)
 _COMPARE_ROWS = 4096  # rows compared at a time when checking a stored tied head
 
 
@@ -93,6 +94,9 @@ class CheckpointWeights(Mapping):
 
     def __iter__(self):
         return iter(self._shapes)
+
+    def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's default would)
+        return name in self._of
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The canonical tensor's shape, without reading it."""
@@ -150,9 +154,15 @@ class CheckpointWeights(Mapping):
         return self._maps[path][1]
 
     def release(self) -> None:
-        """Drop the resident pages of every tensor handed out since the last call."""
-        touched, self._touched = self._touched, []
-        for e in touched:
+        """Drop the resident pages of every tensor handed out since the last call.
+
+        The writer calls this from its job thread while the main thread may already be reading
+        the next tensors (handed out, so listed here): pages dropped under a reader are faulted
+        in again, so the last _KEEP tensors stay listed and are dropped again by the next call
+        (the call after the last write drops them for good)."""
+        touched = self._touched[:]
+        del self._touched[:max(0, len(touched) - _KEEP)]
+        for e in {(e.file, e.start, e.end): e for e in touched}.values():
             if e.file not in self._maps or not hasattr(mmap, "MADV_DONTNEED"):
                 continue
             mm = self._maps[e.file][0]

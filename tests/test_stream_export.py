@@ -244,6 +244,86 @@ def test_release_drops_mapped_pages(tmp_path):
     assert touched - before > 25 and touched - after > 25, (before, touched, after)
 
 
+def _big_embedding_checkpoint(tmp_path):
+    """tiny Llama with a 32 MiB fp32 embedding and head (visible in RSS)."""
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_hf.checkpoint("llama_mha"), ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["vocab_size"] = 131072
+    (ck / "config.json").write_text(json.dumps(cfg))
+    t = load_file(ck / "model.safetensors")
+    rng = np.random.default_rng(0)
+    t["model.embed_tokens.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
+    t["lm_head.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
+    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
+    return ck
+
+
+def test_release_again_drops_pages_read_after_the_previous_release(tmp_path):
+    """The writer releases from its job thread while the main thread reads the next tensors: a
+    tensor handed out before a release() but read after it must be dropped by the next call
+    (it was left resident for the rest of the export: a 7B export's RSS grew with every tensor)."""
+    from kvtrace.files import rss_mb
+    from kvtrace.models.checkpoint import open_checkpoint
+    from kvtrace.models.stream import CheckpointWeights
+
+    w = CheckpointWeights(open_checkpoint(_big_embedding_checkpoint(tmp_path)))
+    a = w["embed.weight"]  # handed out ...
+    w.release()  # ... released by the other thread before it is read
+    before = rss_mb()["file"]
+    float(a.sum())  # read now: its pages fault in again
+    touched = rss_mb()["file"]
+    del a
+    w.release()
+    after = rss_mb()["file"]
+    w.close()
+    assert touched - before > 25 and touched - after > 25, (before, touched, after)
+
+
+def test_membership_reads_no_tensor(tmp_path):
+    """`name in weights` (the builder's completeness check) neither reads nor checks a tensor:
+    through Mapping's default it read and NaN-checked the whole checkpoint before writing began
+    (13 s and the checkpoint's size in RSS at 7B)."""
+    from kvtrace.exporter.checks import checked
+    from kvtrace.models.checkpoint import open_checkpoint
+    from kvtrace.models.stream import CheckpointWeights
+
+    w = CheckpointWeights(open_checkpoint(tiny_hf.checkpoint("llama_mha")))
+    reads = []
+    orig = w.hf_tensor
+    w.hf_tensor = lambda name: reads.append(name) or orig(name)
+    c = checked(w)
+    assert all(n in c for n in w) and "no.such.weight" not in c and "no.such.weight" not in w
+    assert reads == []
+    c["embed.weight"]
+    assert len(reads) == 1
+    w.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_first_non_finite_finds_the_first_nan_or_inf(dtype):
+    """The exponent-bit test of exporter/checks.py finds the first NaN/Inf in any piece, at
+    piece edges too, and nothing in finite data (largest finite values included)."""
+    import ml_dtypes
+
+    from kvtrace.exporter.checks import _BITS_PIECE, first_non_finite
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    n = 2 * _BITS_PIECE + 7
+    a = np.random.default_rng(0).standard_normal((1, n)).astype(dt)
+    fi = ml_dtypes.finfo(dt) if dtype == "bfloat16" else np.finfo(dt)
+    a[0, 3], a[0, 4] = fi.max, fi.min
+    assert first_non_finite(a) is None
+    for at in (0, _BITS_PIECE - 1, _BITS_PIECE, n - 1):
+        for v in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[0, at] = v
+            b[0, min(at + 1, n - 1)] = np.nan
+            assert first_non_finite(b) == (0, at), (at, v)
+
+
 def test_pickle_checkpoint_streams_like_safetensors(tmp_path):
     """--allow-pickle checkpoints go through the same streamed path (torch.load(mmap=True))."""
     import torch
