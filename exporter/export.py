@@ -444,21 +444,32 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, che
                            f"{tmp.parent}: the artifact needs {size} bytes ({size / 1e9:.2f} GB), {free} are free; "
                            "nothing was written")
     release = getattr(weights, "release", None)
+    mark = getattr(weights, "mark", None)
+    marks: dict[str, int] = {}  # initializer -> the weights' mark right after its bytes were made
+    if mark is not None:
+        def marked(t, data):
+            def made():
+                arr = data()
+                marks[t.name] = mark()
+                return arr
+            return made
+        for t in inits:
+            t.data = marked(t, t.data)
     bar = Progress(n_bytes, "writing", tty=progress)
 
-    def on_tensor(t, path, offset):
+    def on_tensor(t, path, offset):  # in the writer's job thread, in order
         if check is not None:
             check(t, path, offset)
-        if release is not None:
-            release()
+        if release is not None:  # this tensor's pages and older ones; not those read for the next tensors
+            release(marks.pop(t.name)) if t.name in marks else release()
         bar.update(t.nbytes, t.name)
 
     t0 = time.perf_counter()
     from kvtrace.exporter.writer import Jobs
 
-    try:  # the check, the page release and the digests run beside the writing, in order
+    try:  # the check with the page release, and the digests, run beside the writing (each in order)
         written = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external, on_tensor=on_tensor,
-                             jobs=Jobs(depth=4))
+                             jobs=Jobs(depth=4), hash_jobs=Jobs(depth=4))
     finally:
         bar.close()
         if check is not None:

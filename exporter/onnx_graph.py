@@ -90,17 +90,24 @@ def to_dtype(arr: np.ndarray, dtype: str) -> np.ndarray:
     raise KvtraceError(f"dtype {dtype!r}: expected one of {', '.join(ONNX_DTYPE)}")
 
 
-def transposed(a: np.ndarray, out: np.ndarray | None = None, block: int = 256) -> np.ndarray:
+def transposed(a: np.ndarray, out: np.ndarray | None = None, tile: int = 128) -> np.ndarray:
     """a (m, n) -> a.T as a C-contiguous (n, m) array (or written into `out`, a view).
 
-    Copied `block` rows at a time: a plain np.ascontiguousarray(a.T) walks memory with a
-    stride of a whole row and is ~4x slower on the 154 MB embedding matrix (0.16 s vs 0.04 s).
-    """
+    `tile` rows of `a` at a time are copied into a small buffer (one sequential read of the
+    memory-mapped checkpoint), then written out in tile x tile squares that stay within the
+    caches. A plain np.ascontiguousarray(a.T) walks memory with the stride of a whole row;
+    measured on (11008, 4096) fp16 matrices of a mapped checkpoint: 0.3 GB/s plain, 0.85 GB/s
+    in whole-row strips, ~1.0 GB/s in squares read straight from the mapping, 1.1-1.25 GB/s
+    through the buffer."""
     m, n = a.shape
     if out is None:
         out = np.empty((n, m), dtype=a.dtype)
-    for i in range(0, m, block):
-        out[:, i:i + block] = a[i:i + block].T
+    buf = np.empty((min(tile, m), n), dtype=a.dtype)
+    for i in range(0, m, tile):
+        rows = buf[:min(tile, m - i)]
+        rows[...] = a[i:i + tile]
+        for j in range(0, n, tile):
+            out[j:j + tile, i:i + tile] = rows[:, j:j + tile].T
     return out
 
 

@@ -94,6 +94,27 @@ def test_sharded_streamed_export_matches_in_memory_path(variant, sharded, tmp_pa
     assert man["files"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
 
 
+def test_written_behind_same_bytes_and_dropped_from_the_page_cache(sharded, tmp_path, monkeypatch):
+    """Large files are written behind (exporter/writer.py: sync_file_range, then
+    posix_fadvise DONTNEED once checked): the same bytes and digests as written plainly, the byte
+    check and validation still pass, and every tensor's range is dropped exactly once."""
+    from kvtrace.exporter import writer
+
+    ck = sharded["llama_gqa_linear_tied"]
+    plain = export_checkpoint(ck, tmp_path / "plain", max_seq=32, **QUIET)
+    dropped = []
+    orig = writer._WriteBehind.drop
+    monkeypatch.setattr(writer._WriteBehind, "drop", lambda self, fd, off, n: (dropped.append((off, n)),
+                                                                              orig(self, fd, off, n)))
+    monkeypatch.setattr(writer, "WRITE_BEHIND_FROM", 0)
+    behind = export_checkpoint(ck, tmp_path / "behind", max_seq=32, **QUIET)
+    assert _files(behind) == _files(plain)
+    assert load_manifest(behind)["files"] == load_manifest(plain)["files"]
+    m = load_manifest(behind)
+    assert m["validation"]["initializers"]["checked"] == len(dropped) > 0
+    assert sorted(dropped) == sorted(set(dropped))
+
+
 @pytest.mark.parametrize("variant", ["neox_parallel_r025", "xglm_scaled"])
 def test_sharded_external_fp16_bounded(variant, sharded, tmp_path):
     """fp16 with external data and the bounded validation: the truncated graph reads the
@@ -261,25 +282,33 @@ def _big_embedding_checkpoint(tmp_path):
     return ck
 
 
-def test_release_again_drops_pages_read_after_the_previous_release(tmp_path):
-    """The writer releases from its job thread while the main thread reads the next tensors: a
-    tensor handed out before a release() but read after it must be dropped by the next call
-    (it was left resident for the rest of the export: a 7B export's RSS grew with every tensor)."""
+def test_release_upto_a_mark_leaves_later_tensors_alone(tmp_path):
+    """The writer's job thread releases a checked tensor while the main thread reads the next:
+    release(upto=mark) drops the tensors handed out up to the mark and not the one handed out
+    after it (dropping pages under a reader made them fault in again: the 7B transposes ran at
+    half speed); a plain release() drops the rest."""
     from kvtrace.files import rss_mb
     from kvtrace.models.checkpoint import open_checkpoint
     from kvtrace.models.stream import CheckpointWeights
 
     w = CheckpointWeights(open_checkpoint(_big_embedding_checkpoint(tmp_path)))
-    a = w["embed.weight"]  # handed out ...
-    w.release()  # ... released by the other thread before it is read
-    before = rss_mb()["file"]
-    float(a.sum())  # read now: its pages fault in again
-    touched = rss_mb()["file"]
-    del a
+    base = rss_mb()["file"]
+    a = w["embed.weight"]
+    float(a.sum())
+    m = w.mark()
+    b = w["lm_head.weight"]  # handed out after the mark, being read by "the main thread"
+    float(b.sum())
+    both = rss_mb()["file"]
+    w.release(upto=m)
+    one = rss_mb()["file"]
+    float(b.sum())  # still mapped: no fault, no growth
+    again = rss_mb()["file"]
     w.release()
-    after = rss_mb()["file"]
+    none = rss_mb()["file"]
     w.close()
-    assert touched - before > 25 and touched - after > 25, (before, touched, after)
+    assert both - base > 55, (base, both)
+    assert 25 < both - one < 40 and abs(again - one) < 5, (both, one, again)
+    assert one - none > 25, (one, none)
 
 
 def test_membership_reads_no_tensor(tmp_path):
