@@ -91,7 +91,7 @@ from kvtrace.exporter.export import ExportSpec, export_artifact
 from kvtrace.files import peak_rss_mb
 ckpt, out, quant = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 w = ShardWeights(ckpt)
-spec = ExportSpec.make(w.cfg, max_seq=quant.pop("max_seq"), max_batch=1, external_data=True, validate=False, **quant)
+spec = ExportSpec.make(w.cfg, max_seq=quant.pop("max_seq"), max_batch=1, validate=False, **quant)
 t0 = time.perf_counter()
 export_artifact(w.cfg, w, out, spec, tokenizer=None, source={"kind": "checkpoint", "path": ckpt, "sha256": None},
                 force=True)

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             art = work / f"{name}-{scheme}-g{spec.group_size}-{spec.method}"
             if art.exists():
                 shutil.rmtree(art)
-            export_model(model, art, max_seq=max_seq, max_batch=args.batch, validate=False, external_data=True,
+            export_model(model, art, max_seq=max_seq, max_batch=args.batch, validate=False,
                          quant=scheme, group_size=spec.group_size, quant_method=spec.method, log=lambda _: None)
             qref = quantized_reference(orig, spec)
             trace_q = parity.record(qref, prompts, steps)
