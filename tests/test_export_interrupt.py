@@ -31,9 +31,11 @@ def _entries(d):
 
 def _start_export(ck: Path, out: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it
     return subprocess.Popen([sys.executable, "-m", "kvtrace.cli", "export", "--checkpoint", str(ck), "--max-seq", "32",
                              "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_staging(p: subprocess.Popen, out: Path, timeout: float = 60.0) -> Path:
