@@ -446,29 +446,31 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, che
     release = getattr(weights, "release", None)
     mark = getattr(weights, "mark", None)
     marks: dict[str, int] = {}  # initializer -> the weights' mark right after its bytes were made
+    to_write = inits
     if mark is not None:
-        def marked(t, data):
+        def marked(t):
             def made():
-                arr = data()
+                arr = t.data()
                 marks[t.name] = mark()
                 return arr
-            return made
-        for t in inits:
-            t.data = marked(t, t.data)
+            return dataclasses.replace(t, data=made)
+        to_write = [marked(t) for t in inits]
     bar = Progress(n_bytes, "writing", tty=progress)
 
     def on_tensor(t, path, offset):  # in the writer's job thread, in order
         if check is not None:
             check(t, path, offset)
-        if release is not None:  # this tensor's pages and older ones; not those read for the next tensors
-            release(marks.pop(t.name)) if t.name in marks else release()
+        if release is not None and t.name in marks:  # this tensor's pages and older ones, not the next ones
+            release(marks.pop(t.name))
+        elif release is not None:  # a mapping without marks
+            release()
         bar.update(t.nbytes, t.name)
 
     t0 = time.perf_counter()
     from kvtrace.exporter.writer import Jobs
 
     try:  # the check with the page release, and the digests, run beside the writing (each in order)
-        written = write_onnx(graph, inits, tmp / io_spec.ONNX_NAME, external=external, on_tensor=on_tensor,
+        written = write_onnx(graph, to_write, tmp / io_spec.ONNX_NAME, external=external, on_tensor=on_tensor,
                              jobs=Jobs(depth=4), hash_jobs=Jobs(depth=4))
     finally:
         bar.close()

@@ -96,10 +96,11 @@ def peak_rss_mb() -> float:
 
 
 def rss_mb() -> dict[str, float]:
-    """Current RSS split as the kernel counts it, MiB: {"total", "anon", "file"} (Linux; {} elsewhere).
+    """Current RSS split as the kernel counts it, MiB: {"total", "anon", "file"}, and "peak" (the
+    high-water mark so far, VmHWM) (Linux; {} elsewhere).
     File-backed pages (mapped weight files) count in RSS while resident but are clean and
     reclaimable: the kernel drops them under memory pressure instead of killing the process."""
-    keys = {"VmRSS": "total", "RssAnon": "anon", "RssFile": "file"}
+    keys = {"VmRSS": "total", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
     out = {}
     try:
         with open("/proc/self/status") as f:
@@ -173,15 +174,9 @@ def staging_dir(out: Path) -> tuple[Path, list[Path]]:
     named .OUT.tmp-PID-XXXXXX; returns (it, the parent directories this call had to create,
     deepest first, for removal on failure)."""
     out = Path(out)
-    parent = out.absolute().parent
-    made = []
-    p = parent
-    while not p.exists():
-        made.append(p)
-        p = p.parent
+    made = make_parents(out)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_TAG}{os.getpid()}-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_TAG}{os.getpid()}-", dir=out.absolute().parent))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; an artifact is an ordinary directory
     except OSError as e:
         remove_dirs(made)
