@@ -101,13 +101,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_m
 _GENERATE = r"""
 import json, statistics, sys, time
 import numpy as np
-def status():
-    d = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            d[k] = int(v.split()[0]) / 1024.0
-    return d
+from kvtrace.files import rss_mb as status  # {"peak" (VmHWM), "total", "anon", "file"}, MiB
 import onnxruntime
 from kvtrace.runtime.model import Model
 art, P, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -221,8 +215,8 @@ def main(argv=None) -> int:
     with open("/proc/loadavg") as f:
         res["loadavg"] = f.read().split()[:3]
     print(f"generate: load {g['load_s']:.1f} s, prefill {args.prompt_len} tokens {g['prefill_ms']:.0f} ms, decode "
-          f"{g['decode_ms_median']:.0f} ms/token; peak RSS {g['end']['VmHWM'] / 1024:.2f} GB (anon "
-          f"{g['end']['RssAnon'] / 1024:.2f} GB, file-backed {g['end']['RssFile'] / 1024:.2f} GB)")
+          f"{g['decode_ms_median']:.0f} ms/token; peak RSS {g['end']['peak'] / 1024:.2f} GB (anon "
+          f"{g['end']['anon'] / 1024:.2f} GB, file-backed {g['end']['file'] / 1024:.2f} GB)")
     print(f"bandwidth {bw['GBps']:.1f} GB/s ({bw['method']}); a decode step reads "
           f"{res['quantized_matrix_bytes'] / 1e9:.2f} GB -> floor {floor_ms:.0f} ms; decode / floor = "
           f"{res['decode_over_floor']:.2f} (goal <= 1.5; fastest step {min(g['decode_ms']):.0f} ms: "

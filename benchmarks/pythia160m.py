@@ -13,6 +13,7 @@ A directory already holding the same (seed, dtype) checkpoint is reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -75,12 +76,7 @@ def make_checkpoint(out_dir, dtype: str = "float32", *, seed: int = 0, tokenizer
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)  # keep the data 8-byte aligned
 
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes it private; the result is a normal directory
-    try:
+    with staged_checkpoint(out, marker) as tmp:
         gen = torch.Generator().manual_seed(seed)
         with open(tmp / "model.safetensors", "wb") as f:
             f.write(struct.pack("<Q", len(hbytes)))
@@ -94,6 +90,21 @@ def make_checkpoint(out_dir, dtype: str = "float32", *, seed: int = 0, tokenizer
         tok = TOKENIZER_FIXTURE if tokenizer == "auto" else tokenizer
         if tok is not None and Path(tok).is_file():
             shutil.copyfile(tok, tmp / "tokenizer.json")
+    return out
+
+
+@contextlib.contextmanager
+def staged_checkpoint(out: Path, marker: dict):
+    """A temporary directory beside `out` to write a checkpoint into: when the block ends, the
+    marker (what was written, for reuse) is added and the directory replaces `out`; when it
+    fails, the directory is removed and `out` is left as it was."""
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    try:
+        yield tmp
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -101,7 +112,6 @@ def make_checkpoint(out_dir, dtype: str = "float32", *, seed: int = 0, tokenizer
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def main(argv=None) -> int:

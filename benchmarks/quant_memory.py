@@ -29,13 +29,7 @@ ROOT = HERE.parent
 
 _CHILD = r"""
 import json, sys
-def status():
-    d = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            d[k] = int(v.split()[0]) / 1024.0
-    return d
+from kvtrace.files import rss_mb as status  # {"peak" (VmHWM), "total", "anon", "file"}, MiB
 import numpy as np, onnxruntime
 from kvtrace.runtime.model import Model
 from kvtrace.runtime import generate as _g
@@ -73,11 +67,11 @@ def measure(art: Path, python: str, prepack: bool) -> dict:
     weights = sum(p.stat().st_size for p in art.iterdir() if p.name.startswith("model.onnx"))
     kv = kv_bytes(man)
     mb = 1 << 20
-    peak = d["end"]["VmHWM"] - d["base"]["VmHWM"]
+    peak = d["end"]["peak"] - d["base"]["peak"]
     return {"artifact": art.name, "prepack": prepack, "weights_mb": weights / mb, "kv_mb": kv / mb,
-            "baseline_mb": d["base"]["VmHWM"], "peak_mb": d["end"]["VmHWM"], "peak_over_baseline_mb": peak,
-            "ratio": peak / ((weights + kv) / mb), "after_load_mb": d["loaded"]["VmRSS"] - d["base"]["VmRSS"],
-            "end_anon_mb": d["end"]["RssAnon"], "end_file_mb": d["end"]["RssFile"]}
+            "baseline_mb": d["base"]["peak"], "peak_mb": d["end"]["peak"], "peak_over_baseline_mb": peak,
+            "ratio": peak / ((weights + kv) / mb), "after_load_mb": d["loaded"]["total"] - d["base"]["total"],
+            "end_anon_mb": d["end"]["anon"], "end_file_mb": d["end"]["file"]}
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
+
+from benchmarks.pythia160m import MARKER, staged_checkpoint  # noqa: E402
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
@@ -47,7 +47,6 @@ SHAPES = {
                        "max_position_embeddings": 2048, "rope_theta": 10000.0},
 }
 _ST = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
-MARKER = "kvtrace_random.json"
 POOL_BYTES = 64 << 20
 
 
@@ -89,12 +88,7 @@ def make_checkpoint(out_dir, shape: str, dtype: str = "float16", *, shard_bytes:
     pool = (rng.standard_normal(POOL_BYTES // item, dtype=np.float32) * 0.02).astype(np_dtype).view(np.uint8)
     ones = (1.0 + rng.standard_normal(1 << 16, dtype=np.float32) * 0.02).astype(np_dtype).view(np.uint8)
 
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    try:
+    with staged_checkpoint(out, marker) as tmp:
         wmap, total, t0 = {}, 0, time.perf_counter()
         for k, shard in enumerate(shards):
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -128,13 +122,6 @@ def make_checkpoint(out_dir, shape: str, dtype: str = "float16", *, shard_bytes:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": wmap}, indent=1) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
