@@ -4,9 +4,7 @@ says so), a live export's never touched, a second concurrent export refused nami
 PID, a full disk reported with the path and the bytes needed. Plus the progress line."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -140,24 +138,6 @@ def test_interrupted_replacement_is_restored(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- disk full
-def _big_vocab_checkpoint(tmp_path) -> Path:
-    """A tiny Llama with a 8192-token vocabulary: about 4 MB of weights (too big for 2 MB)."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    ck = tmp_path / "ck"
-    shutil.copytree(tiny_hf.checkpoint("llama_mha"), ck)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["vocab_size"] = 8192
-    (ck / "config.json").write_text(json.dumps(cfg))
-    t = load_file(ck / "model.safetensors")
-    rng = np.random.default_rng(0)
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):
-        t[k] = (0.02 * rng.standard_normal((8192, 64))).astype(np.float32)
-    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
-    return ck
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     d = tmp_path / "disk"
@@ -170,7 +150,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_before_writing(tmp_path, small_disk, capsys):
-    ck = _big_vocab_checkpoint(tmp_path)
+    ck = tiny_hf.with_vocab(tmp_path / "ck", 8192, scale=0.02)  # ~4 MB of weights: too big for 2 MB
     rc = cli.main(["export", "--checkpoint", str(ck), "--max-seq", "32", "--out", str(small_disk / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "not enough disk space" in err and "bytes" in err and str(small_disk) in err, err
@@ -186,7 +166,7 @@ def test_disk_full_while_writing(tmp_path, small_disk, capsys, monkeypatch):
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))
-    ck = _big_vocab_checkpoint(tmp_path)
+    ck = tiny_hf.with_vocab(tmp_path / "ck", 8192, scale=0.02)  # ~4 MB of weights: too big for 2 MB
     rc = cli.main(["export", "--checkpoint", str(ck), "--max-seq", "32", "--out", str(small_disk / "deep" / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2, err

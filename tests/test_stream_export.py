@@ -239,20 +239,7 @@ def test_release_drops_mapped_pages(tmp_path):
     from kvtrace.models.checkpoint import open_checkpoint
     from kvtrace.models.stream import CheckpointWeights
 
-    from safetensors.numpy import save_file
-
-    ck = tmp_path / "ck"
-    shutil.copytree(tiny_hf.checkpoint("llama_mha"), ck)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["vocab_size"] = 131072  # a 32 MiB embedding: large enough to see in RSS
-    (ck / "config.json").write_text(json.dumps(cfg))
-    from safetensors.numpy import load_file
-
-    t = load_file(ck / "model.safetensors")
-    rng = np.random.default_rng(0)
-    t["model.embed_tokens.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
-    t["lm_head.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
-    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
+    ck = tiny_hf.with_vocab(tmp_path / "ck", 131072)  # a 32 MiB embedding: large enough to see in RSS
     w = CheckpointWeights(open_checkpoint(ck))
     before = rss_mb()["file"]
     a = w["embed.weight"]
@@ -265,23 +252,6 @@ def test_release_drops_mapped_pages(tmp_path):
     assert touched - before > 25 and touched - after > 25, (before, touched, after)
 
 
-def _big_embedding_checkpoint(tmp_path):
-    """tiny Llama with a 32 MiB fp32 embedding and head (visible in RSS)."""
-    from safetensors.numpy import load_file, save_file
-
-    ck = tmp_path / "ck"
-    shutil.copytree(tiny_hf.checkpoint("llama_mha"), ck)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["vocab_size"] = 131072
-    (ck / "config.json").write_text(json.dumps(cfg))
-    t = load_file(ck / "model.safetensors")
-    rng = np.random.default_rng(0)
-    t["model.embed_tokens.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
-    t["lm_head.weight"] = rng.standard_normal((131072, 64), dtype=np.float32)
-    save_file(t, ck / "model.safetensors", metadata={"format": "pt"})
-    return ck
-
-
 def test_release_upto_a_mark_leaves_later_tensors_alone(tmp_path):
     """The writer's job thread releases a checked tensor while the main thread reads the next:
     release(upto=mark) drops the tensors handed out up to the mark and not the one handed out
@@ -291,7 +261,7 @@ def test_release_upto_a_mark_leaves_later_tensors_alone(tmp_path):
     from kvtrace.models.checkpoint import open_checkpoint
     from kvtrace.models.stream import CheckpointWeights
 
-    w = CheckpointWeights(open_checkpoint(_big_embedding_checkpoint(tmp_path)))
+    w = CheckpointWeights(open_checkpoint(tiny_hf.with_vocab(tmp_path / "ck", 131072)))  # 32 MiB embed and head
     base = rss_mb()["file"]
     a = w["embed.weight"]
     float(a.sum())

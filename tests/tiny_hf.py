@@ -79,3 +79,24 @@ def checkpoint(variant: str) -> Path:
     if not (out / "config.json").exists():
         hf_model(variant).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def with_vocab(dest: Path, vocab: int, scale: float = 1.0, variant: str = "llama_mha") -> Path:
+    """A copy of `variant`'s checkpoint at `dest` with a `vocab`-row embedding and head of
+    N(0, scale^2) fp32 values: a larger weight file (to see in RSS, or too big for a small disk)."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(checkpoint(variant), dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["vocab_size"] = vocab
+    (dest / "config.json").write_text(json.dumps(cfg))
+    t = load_file(dest / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        t[k] = scale * rng.standard_normal((vocab, cfg["hidden_size"]), dtype=np.float32)
+    save_file(t, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
