@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvtrace import files
 from kvtrace.errors import CheckFailed, KvtraceError
 
 _PIECE = 1 << 24  # elements per isfinite pass: bounded temporary memory for any tensor size
@@ -50,6 +51,7 @@ def first_non_finite(arr: np.ndarray) -> tuple[int, ...] | None:
         return tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), a.shape)) if bad.any() else None
     bits = flat.view(mask.dtype)
     buf = np.empty(min(bits.size, _BITS_PIECE), dtype=mask.dtype)
+    release = a.nbytes >= files.RELEASE_WHILE_READING  # a big mapped tensor: its pages go as they are read
     for i in range(0, bits.size, _BITS_PIECE):
         piece = bits[i:i + _BITS_PIECE]
         b = buf[:piece.size]
@@ -57,6 +59,8 @@ def first_non_finite(arr: np.ndarray) -> tuple[int, ...] | None:
         if b.max() == mask:
             j = int(np.argmax(b == mask))
             return tuple(int(k) for k in np.unravel_index(i + j, a.shape))
+        if release:
+            files.release_view(piece)
     return None
 
 
@@ -75,6 +79,8 @@ def first_overflow(arr: np.ndarray, dtype: str) -> tuple[int, ...] | None:
     with np.errstate(over="ignore"):
         for i in range(0, flat.size, _PIECE):
             piece = np.abs(flat[i:i + _PIECE].astype(np.float32))
+            if a.nbytes >= files.RELEASE_WHILE_READING:
+                files.release_view(flat[i:i + _PIECE])
             j = int(np.argmax(piece)) if piece.size else 0
             if piece.size and np.isinf(np.float32(piece[j]).astype(target)):  # the largest overflows: find the first
                 bad = np.isinf(piece.astype(target))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvtrace import files
 from kvtrace.errors import KvtraceError
 
 
@@ -250,7 +251,7 @@ class LayerStreamedReference:
     asked, from one pass over the blocks.
     """
 
-    HEAD_CHUNK_BYTES = 64 << 20  # fp32 head rows converted at a time
+    HEAD_CHUNK_BYTES = 16 << 20  # fp32 head rows converted at a time (their source pages released after)
 
     def __init__(self, cfg, weights, description: dict, release=None):
         self.cfg, self.weights, self.description = cfg, weights, description
@@ -279,7 +280,7 @@ class LayerStreamedReference:
     def _run(self, prompts, continuation, depths):
         import torch
 
-        from kvtrace.models.transformer import Block, DynamicCache, Transformer, make_norm
+        from kvtrace.models.transformer import Block, DynamicCache, Transformer, make_norm, on_meta
         from kvtrace.runtime.parity import Trace
 
         cfg = self.cfg
@@ -287,7 +288,7 @@ class LayerStreamedReference:
         if not depths or depths[0] < 1 or depths[-1] > cfg.n_layers:
             raise ValueError(f"depths {depths} outside 1..{cfg.n_layers}")
         B, steps = len(prompts), len(continuation[0]) if continuation else 0
-        with torch.device("meta"):
+        with on_meta():
             skel = Transformer(cfg)  # position tables are real (numpy); no parameter memory
         emb = self.weights["embed.weight"]  # (V, D) view: only the rows used are read
         rows = []  # per row: [(position_ids (1, T), rope, mask, x (1, T, D))] for its calls
@@ -304,7 +305,7 @@ class LayerStreamedReference:
             self._release()
             kept = {}
             for i in range(depths[-1]):
-                with torch.device("meta"):
+                with on_meta():
                     blk = Block(cfg, i)
                 blk = self._module(blk, f"layers.{i}.")
                 for calls in rows:
@@ -314,7 +315,7 @@ class LayerStreamedReference:
                 del blk
                 if i + 1 in depths:
                     kept[i + 1] = torch.cat([c[3][0] for calls in rows for c in calls])  # (N, D)
-            with torch.device("meta"):
+            with on_meta():
                 norm = make_norm(cfg)
             norm = self._module(norm, "norm_f.")
             hidden = {d: norm(x) for d, x in kept.items()}  # (N, D) each
@@ -348,5 +349,6 @@ class LayerStreamedReference:
             w = torch.from_numpy(np.array(W[r:r + step], dtype=np.float32))  # (v, D), a copy
             for d, x in hidden.items():
                 out[d][:, r:r + step] = x @ w.t()
+            files.release_view(W[r:r + step])  # the mapped rows just read (release() drops a tensor once)
             self._release()
         return out

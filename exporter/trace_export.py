@@ -499,9 +499,9 @@ def _as_dtype(model, tdtype):
     the converted copy, never two full copies in the old dtype)."""
     import torch
 
-    from kvtrace.models.transformer import Transformer
+    from kvtrace.models.transformer import Transformer, on_meta
 
-    with torch.device("meta"):
+    with on_meta():
         out = Transformer(model.cfg)
     out.load_state_dict({k: v.to(tdtype) for k, v in model.state_dict().items()}, assign=True)
     for name in ("pos_table", "rope_cos", "rope_sin"):  # fp32 tables (not module state)

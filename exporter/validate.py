@@ -15,7 +15,8 @@ validate_streamed (checkpoint exports; never holds the model, whatever its size)
   2. the reference is the layer-streamed one (exporter/references.py): one block in fp32 at a
      time, over the prompts and a fixed continuation (teacher forcing);
   3. "full": the whole exported graph replays that trace (the artifact's own weights, mapped by
-     onnxruntime); "bounded": a graph truncated after TRUNCATED_LAYERS blocks (same builder, the
+     onnxruntime), piece by piece (exporter/chain.py: context, each block, head; one piece's
+     weights in memory at a time); "bounded": a graph truncated after TRUNCATED_LAYERS blocks (same builder, the
      artifact's own weight bytes) replays the reference truncated at the same depth, and the
      whole graph is loaded and run for one decode step if it fits in memory (else a log line
      says why not). "auto" picks full when the whole graph's weights and validation cache fit
@@ -130,13 +131,14 @@ def validate_artifact(art: Path, graph, inits, cfg, weights: Mapping, reference,
     return out
 
 
-def _judged_replay(run_dir: Path, trace, spec, tol: dict) -> dict:
+def _judged_replay(run_dir: Path, trace, spec, tol: dict, chained: bool = False) -> dict:
     """The replay judged by `tol`; a quantised artifact also runs at accuracy level 1 (fp32
-    arithmetic), judged by the compute dtype's row: exact up to rounding (runtime/parity.py)."""
-    report = _replay(run_dir, trace, tol, quantized=spec.quant is not None)
+    arithmetic), judged by the compute dtype's row: exact up to rounding (runtime/parity.py).
+    chained: the graph runs piece by piece (exporter/chain.py)."""
+    report = _replay(run_dir, trace, tol, quantized=spec.quant is not None, chained=chained)
     if spec.quant is not None:
         parity.add_exact_check(report, _replay(run_dir, trace, configs.TOLERANCES[spec.dtype], quantized=True,
-                                               accuracy_level=parity.EXACT_ACCURACY_LEVEL))
+                                               accuracy_level=parity.EXACT_ACCURACY_LEVEL, chained=chained))
     return report
 
 
@@ -153,11 +155,17 @@ def _log_report(report: dict, log, accuracy=None, what: str = "") -> None:
         log(f"note: {note}")
 
 
-def _replay(run_dir: Path, trace, tol: dict, quantized: bool = False, accuracy_level=None) -> dict:
+def _replay(run_dir: Path, trace, tol: dict, quantized: bool = False, accuracy_level=None,
+            chained: bool = False) -> dict:
     from kvtrace.runtime.model import Model
 
     # one thread: a few tokens; no MLAS prepacking: one copy of the weights, not two (a quantised
     # graph keeps it: its low-bit kernel without prepacking is slow and holds more, not less)
+    if chained:
+        from kvtrace.exporter import chain
+
+        return parity.judge(chain.replay(run_dir, trace, threads=1, prepack=quantized,
+                                         accuracy_level=accuracy_level), tol)
     m = Model.load(run_dir, backend="onnxruntime", threads=1, prepack=quantized, accuracy_level=accuracy_level)
     try:
         return parity.judge(parity.replay(m, trace), tol)
@@ -357,17 +365,21 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
                 method += ", fp32 twin graph of the bf16-rounded weights"
             if release is not None:
                 release()
-            what = "whole graph"
+            what = "whole graph, piece by piece"
         else:
             run_dir = _truncated(art, cfg, weights, spec, k, written)
             method += (f", graph truncated after {k} of {cfg.n_layers} blocks" +
                        (" (fp32 twin of the bf16-rounded weights)" if spec.dtype == "bfloat16"
                         else " (the artifact's own weight bytes)" if written.external else ""))
             what = f"truncated graph ({k} blocks)"
-        report = _judged_replay(run_dir, trace, spec, tol)
+        report = _judged_replay(run_dir, trace, spec, tol, chained=p["mode"] == "full")
     finally:
         if run_dir != art:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if "chain" in report:
+        c = report["chain"]
+        method += (f", the whole graph in {c['pieces']} pieces run one after another (context, each block, head: "
+                   f"all {c['nodes']} nodes; at most {c['largest_piece_bytes'] / 1e6:.1f} MB of weights in memory)")
     _log_report(report, log, what=f" ({what})")
     if not report["passed"]:
         raise ParityFailure(f"the exported graph's onnxruntime output differs from the reference model: "
@@ -379,6 +391,8 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
                   decisive_positions=s["decisive"], positions=s["positions"], notes=report["notes"])
     if "exact_check" in report:
         result["exact_check"] = {k: report["exact_check"][k] for k in ("accuracy_level", "max_abs", "max_rel", "top1")}
+    if "chain" in report:
+        result["chain"] = report["chain"]
     if p["mode"] == "bounded":
         if p["smoke"]:
             result["whole_graph"] = _smoke(art, cfg, log)

@@ -13,7 +13,10 @@ each then cast to the graph dtype (round to nearest even; no cast when the dtype
 The expected tensor is made here with torch operations on the checkpoint's own arrays, not by
 the graph builder's numpy code (exporter/onnx_graph.py), and compared bit for bit with the bytes
 read back from the file (a read-only mapping of that range: no copy) at the offset the writer
-recorded: byte-exact when the dtype is kept, equal to torch's exact cast otherwise. The check
+recorded: byte-exact when the dtype is kept, equal to torch's exact cast otherwise. A tensor of
+files.RELEASE_WHILE_READING bytes or more is compared in bands of source rows (BAND_BYTES), its
+written bytes read back by pread and each band's checkpoint pages released once compared, so
+the check holds two bands of it, not three copies. The check
 runs inside the writing pass (on the writer's job thread), right after each tensor is written,
 while its pages are still in the page cache (no second read of the checkpoint or of the
 artifact from disk); `check_table` then confirms that model.onnx's external-data entries point where
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvtrace import files
 from kvtrace.errors import KvtraceError, ParityFailure
 
 
@@ -38,6 +42,7 @@ class WeightMismatch(ParityFailure):
     label = "check failed"
 
 _TORCH_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+BAND_BYTES = 32 << 20  # a big tensor is compared this many source bytes at a time
 
 
 def _torch(arr: np.ndarray):
@@ -51,32 +56,39 @@ def _torch(arr: np.ndarray):
         return torch.from_numpy(arr)
 
 
-def expected(cfg, weights, name: str, dtype: str, max_seq: int):
-    """The initializer `name` as the documented transform makes it (a torch tensor, maybe a
-    strided view)."""
-    import torch
-
-    target = getattr(torch, dtype)
+def parts(cfg, weights, name: str, max_seq: int):
+    """How the initializer `name` is made (the documented transform, before the cast):
+    (transposed, [(source, first)]): each source is an array in torch layout (a view of the
+    checkpoint, or the computed rope table); its row j is, after the cast, the initializer's
+    row first + j, or its column first + j when transposed (2-D weights except the embedding,
+    stored (in, out)). Q, K and V of the fused projection are three sources side by side."""
     if name in ("rope.cos", "rope.sin"):
         from kvtrace import numerics
 
         cos, sin = numerics.rope_tables(cfg, max_seq)  # (max_seq, r/2) fp32
-        return torch.from_numpy(cos if name == "rope.cos" else sin).to(target)
+        return False, [(cos if name == "rope.cos" else sin, 0)]
     shapes = cfg.param_shapes()
     if name.endswith(".attn.qkv.weight") or name.endswith(".attn.qkv.bias"):
         prefix, leaf = name[:-len("qkv.weight")] if name.endswith("weight") else name[:-len("qkv.bias")], \
             name.rsplit(".", 1)[1]
-        parts = torch.cat([_torch(np.asarray(weights[f"{prefix}{n}.{leaf}"])) for n in "qkv"]).to(target)
-        return parts.t() if leaf == "weight" else parts
+        out, first = [], 0
+        for n in "qkv":
+            a = np.asarray(weights[f"{prefix}{n}.{leaf}"])
+            out.append((a, first))
+            first += a.shape[0]
+        return leaf == "weight", out
     if name not in shapes:
         raise KvtraceError(f"internal error: initializer {name!r} is not a parameter of the model")
-    t = _torch(np.asarray(weights[name])).to(target)
-    if len(shapes[name]) == 2 and name != "embed.weight":
-        return t.t()
-    return t
+    return len(shapes[name]) == 2 and name != "embed.weight", [(np.asarray(weights[name]), 0)]
 
 
-def _mapped(fd: int, path: Path, offset: int, nbytes: int):
+def _shape(transposed: bool, srcs) -> tuple[int, ...]:
+    rows = sum(a.shape[0] for a, _ in srcs)
+    inner = tuple(srcs[0][0].shape[1:])
+    return (inner[0], rows) if transposed else (rows, *inner)
+
+
+def _mapped(fd: int, path: Path, offset: int, nbytes: int, populate: bool = True):
     """(mmap, uint8 view) of bytes [offset, offset + nbytes) of the file just written: read
     through the page cache without a copy; closing the mapping releases its pages."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -85,12 +97,47 @@ def _mapped(fd: int, path: Path, offset: int, nbytes: int):
         raise KvtraceError(f"{path}: ends at byte {size}, a weight was written up to byte {offset + nbytes}")
     # MAP_POPULATE: the pages (just written, in the page cache) are mapped in one call instead of
     # one fault per 4 KiB page as the comparison walks them
-    if hasattr(mmap, "MAP_POPULATE"):
+    if populate and hasattr(mmap, "MAP_POPULATE"):
         mm = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                        prot=mmap.PROT_READ, offset=start)
     else:  # not Linux
         mm = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
     return mm, np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset - start)
+
+
+class _Bands:
+    """A big written tensor read back a band at a time with pread (no mapping: a strided column
+    band of a mapping would fault in its neighbours too, the kernel maps 64 KiB around a fault)."""
+
+    def __init__(self, fd: int, offset: int, dims: tuple[int, ...], nbytes: int):
+        self.fd, self.offset, self.dims, self.nbytes = fd, offset, dims, nbytes
+        size = os.fstat(fd).st_size
+        if offset + nbytes > size:
+            raise KvtraceError(f"the written file ends at byte {size}, a weight was written up to byte "
+                               f"{offset + nbytes}")
+
+    def read(self, lo: int, hi: int, transposed: bool, dtype) -> np.ndarray:
+        """Rows [lo, hi) (columns, transposed) of the tensor as a new array."""
+        item = dtype.itemsize
+        if not transposed:
+            inner = int(np.prod(self.dims[1:], dtype=np.int64))
+            out = np.empty((hi - lo, *self.dims[1:]), dtype=dtype)
+            self._pread(out, self.offset + lo * inner * item)
+            return out
+        K, N = self.dims
+        out = np.empty((K, hi - lo), dtype=dtype)
+        for i in range(K):  # one contiguous piece of each row
+            self._pread(out[i], self.offset + (i * N + lo) * item)
+        return out
+
+    def _pread(self, buf: np.ndarray, at: int) -> None:
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], at + done)
+            if n <= 0:
+                raise KvtraceError(f"the written file ended early reading back byte {at + done}")
+            done += n
 
 
 @contextlib.contextmanager
@@ -140,39 +187,73 @@ class InitializerCheck:
     def _check(self, t, path: Path, offset: int) -> None:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
-        mm, got_raw = _mapped(self._fds[path], path, offset, t.nbytes)
-        try:
-            self._compare(t, path, got_raw)
-        finally:
-            del got_raw
+        transposed, srcs = parts(self.cfg, self.weights, t.name, self.max_seq)
+        want_shape = _shape(transposed, srcs)
+        if want_shape != tuple(t.dims):
+            raise KvtraceError(f"{path.name}: initializer '{t.name}' has shape {list(t.dims)}, the "
+                               f"documented transform of its parameter gives {list(want_shape)}")
+        if t.nbytes >= files.RELEASE_WHILE_READING:  # band by band, read with pread: nothing of it stays mapped
+            self._compare(t, path, transposed, srcs, _Bands(self._fds[path], offset, tuple(t.dims), t.nbytes))
+        else:
+            mm, got_raw = _mapped(self._fds[path], path, offset, t.nbytes)
             try:
-                mm.close()
-            except BufferError:  # an error's traceback still holds a view: the mapping goes with it
-                pass
+                self._compare(t, path, transposed, srcs, got_raw)
+            finally:
+                del got_raw
+                try:
+                    mm.close()
+                except BufferError:  # an error's traceback still holds a view: the mapping goes with it
+                    pass
         self.checked += 1
         self.bytes += t.nbytes
         self.where[t.name] = (path.name, offset, t.nbytes)
 
-    def _compare(self, t, path: Path, got_raw: np.ndarray) -> None:
+    def _compare(self, t, path: Path, transposed: bool, srcs, got_bytes) -> None:
+        """Source rows against the written rows (columns, transposed). got_bytes: the written
+        tensor mapped (uint8), or a _Bands reader for a big one: then it is compared a band of
+        BAND_BYTES source bytes at a time, read into a buffer, and each band's checkpoint pages
+        are released once compared (the check holds two bands, not the tensor)."""
         import torch
 
-        want = expected(self.cfg, self.weights, t.name, self.dtype, self.max_seq)
-        if tuple(want.shape) != tuple(t.dims):
-            raise KvtraceError(f"{path.name}: initializer '{t.name}' has shape {list(t.dims)}, the "
-                               f"documented transform of its parameter gives {list(want.shape)}")
-        int_dtype = getattr(torch, _TORCH_INT[want.element_size()])
-        with warnings.catch_warnings():  # a read-only mapping: never written through
-            warnings.simplefilter("ignore", UserWarning)
-            got = torch.from_numpy(got_raw).view(int_dtype).view(tuple(t.dims))
-        if not _equal(got, want.view(int_dtype)):
-            diff = (got != want.view(int_dtype)).nonzero()
-            first = tuple(int(i) for i in diff[0])
-            finite = bool(torch.isfinite(want.float()).all())
-            raise WeightMismatch(
-                f"{path.name}: initializer '{t.name}' differs from what its checkpoint tensor becomes "
-                f"({self.dtype}{', transposed' if want.dim() == 2 and t.name != 'embed.weight' else ''}) at "
-                f"{len(diff)} element(s), first at index {list(first)}"
-                + ("" if finite else " (the checkpoint tensor holds NaN or Inf)"))
+        target = getattr(torch, self.dtype)
+        item = target.itemsize
+        int_np, int_t = np.dtype(_TORCH_INT[item]), getattr(torch, _TORCH_INT[item])
+        bands = got_bytes if isinstance(got_bytes, _Bands) else None
+        if bands is None:
+            with warnings.catch_warnings():  # a read-only mapping: never written through
+                warnings.simplefilter("ignore", UserWarning)
+                got = torch.from_numpy(got_bytes.view(int_np).reshape(tuple(t.dims)))
+        for src, first in srcs:
+            n = src.shape[0]
+            row_bytes = max(1, int(np.prod(src.shape[1:], dtype=np.int64)) * item)
+            band = n if bands is None else max(1, BAND_BYTES // row_bytes)
+            for r in range(0, n, band):
+                w = _torch(src[r:r + band]).to(target).view(int_t)
+                if transposed:
+                    w = w.t()
+                lo, hi = first + r, first + min(n, r + band)
+                if bands is None:
+                    g = got[:, lo:hi] if transposed else got[lo:hi]
+                else:
+                    g = torch.from_numpy(bands.read(lo, hi, transposed, int_np))
+                if not _equal(g, w):
+                    self._mismatch(t, path, g, w, src, transposed, lo)
+                if bands is not None:
+                    files.release_view(src[r:r + band])  # (a no-op unless a view of the mapped checkpoint)
+
+    def _mismatch(self, t, path: Path, g, w, src, transposed: bool, row0: int) -> None:
+        """Raise WeightMismatch for the band g (written) != w (expected), whose first source row
+        is the initializer's row (or column, transposed) row0."""
+        diff = (g != w).nonzero()
+        first = [int(i) for i in diff[0]]
+        first[1 if transposed else 0] += row0  # band -> initializer coordinates
+        finite = src.dtype.kind != "f" and src.dtype.name != "bfloat16" or \
+            bool(np.isfinite(np.asarray(src, dtype=np.float32)).all())
+        raise WeightMismatch(
+            f"{path.name}: initializer '{t.name}' differs from what its checkpoint tensor becomes "
+            f"({self.dtype}{', transposed' if transposed else ''}) at {len(diff)} element(s)"
+            f"{' of the first differing band' if len(g.shape) and g.numel() < t.nbytes // max(1, w.element_size()) else ''}, "
+            f"first at index {first}" + ("" if finite else " (the checkpoint tensor holds NaN or Inf)"))
 
     def check_table(self, onnx_path: Path) -> None:
         """model.onnx's external-data entries name the file, offset and length checked above."""

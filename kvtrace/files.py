@@ -15,6 +15,8 @@
   peak_rss_mb, rss_mb                     this process's peak / current resident set size
   available_memory                        memory this process may still use: MemAvailable, or less
                                           under a cgroup limit (v1 or v2)
+  release_view(arr)                       a view of a read-only file mapping: its resident pages
+                                          leave this process's RSS (they stay in the page cache)
 """
 from __future__ import annotations
 
@@ -111,6 +113,56 @@ def rss_mb() -> dict[str, float]:
     except OSError:
         pass
     return out
+
+
+# A tensor this large (the embedding and the head of most models) is released from memory while
+# it is read, wherever the export reads it whole: the NaN/Inf scan (exporter/checks.py), the
+# transpose (exporter/onnx_graph.py) and the byte check (exporter/verify.py, a band at a time).
+# Holding it whole at each step would triple it: 460 MB for the 154 MB fp32 head of Pythia-160M,
+# more than a pass over all its blocks holds. Smaller tensors are released whole after their check.
+RELEASE_WHILE_READING = 128 << 20
+
+
+def _mapping_of(arr):
+    """(mmap, its numpy root array) when `arr` is a view of a read-only mmap.mmap, else None."""
+    import mmap
+
+    import numpy as np
+
+    a = arr
+    while isinstance(a, np.ndarray):
+        b = a.base
+        if isinstance(b, memoryview):  # np.frombuffer(mm): a memoryview of the mapping
+            b = b.obj
+        if isinstance(b, mmap.mmap):
+            return b, a
+        a = b
+    return None
+
+
+def release_view(arr) -> None:
+    """Drop this process's resident pages under `arr` (every page it touches, rounded outwards)
+    when it is a C-contiguous view of a read-only file mapping (mmap ACCESS_READ: the mapped
+    safetensors shards, a written file mapped back for checking). The pages leave RSS and stay
+    in the page cache: a later read faults them in again without touching the disk. Anything
+    else (an anonymous array, a writable mapping, a strided view) is left alone: MADV_DONTNEED
+    on private anonymous memory would zero it."""
+    import mmap
+
+    import numpy as np
+
+    if not hasattr(mmap, "MADV_DONTNEED") or not getattr(arr, "nbytes", 0):
+        return
+    found = _mapping_of(arr)
+    if found is None or not arr.flags.c_contiguous or found[1].flags.writeable:
+        return
+    mm = found[0]
+    start = arr.ctypes.data - np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data  # offset in the mapping
+    end = start + arr.nbytes
+    start -= start % mmap.PAGESIZE
+    end = min(len(mm), end + (-end) % mmap.PAGESIZE)
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def available_memory() -> tuple[int | None, str]:

@@ -415,14 +415,14 @@ def load_checkpoint(path, *, dtype=None, allow_pickle: bool = False) -> Loaded:
     """Load a Hugging Face checkpoint directory strictly into a `Transformer` (eval mode)."""
     import torch
 
-    from .transformer import Transformer
+    from .transformer import Transformer, on_meta
 
     want_dtype = _canonical_dtype(dtype)
     ck = open_checkpoint(path, allow_pickle=allow_pickle)
     root, cfg, adapter, table, entries = ck.root, ck.config, ck.adapter, ck.table, ck.entries
     dtype = want_dtype or ck.dtype
 
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(cfg)  # no memory for parameters yet
 
     def take(e: Entry, t) -> bool:

@@ -6,6 +6,11 @@ tracer each is one opaque node that exporter/trace_export.py maps to the standar
 graph builder emits too: Attention, RotaryEmbedding, TensorScatter. So the traced graph gets
 the same fused operators as the built one, and the eager numerics are unchanged.
 
+Eager calls run the plain functions directly, not through the operator: the first eager call
+of a custom operator imports torch._dynamo and sympy (~70 MB resident, a second of import),
+which the streamed export's validation cannot afford in its memory budget (docs/validation.md).
+Only while torch.export traces (torch.compiler.is_exporting) do calls go to the operators.
+
 Shapes: B batch, H query heads, n_kv key/value heads (GQA: H % n_kv == 0), T new tokens,
 S cached slots, hd head dim, r rotary dims.
 """
@@ -13,9 +18,18 @@ from __future__ import annotations
 
 import torch
 
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
-@torch.library.custom_op("kvtrace::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+
+def _routed(op, fn):
+    """`fn` eagerly, the custom operator `op` while torch.export traces."""
+    def call(*args):
+        return op(*args) if _exporting() or torch.compiler.is_compiling() else fn(*args)
+    call.__doc__, call.__name__ = fn.__doc__, fn.__name__
+    return call
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v: q (B, H, T, hd), k/v (B, n_kv, S, hd), mask (B, 1, T, S)
     bool (True = may attend) -> (B, H, T, hd) in v's dtype. Scores and softmax in fp32 whatever
     the dtype (GPT-NeoX and XGLM overflow fp16 scores otherwise); ONNX: Attention(scale,
@@ -29,13 +43,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return probs @ v  # (B, H, T, hd)
 
 
-@attention.register_fake
+_attention_op = torch.library.custom_op("kvtrace::attention", _attention, mutates_args=())
+attention = _routed(_attention_op, _attention)
+
+
+@_attention_op.register_fake
 def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("kvtrace::rotary_embedding", mutates_args=())
-def rotary_embedding(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+def _rotary_embedding(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                      position_ids: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """Rotate-half RoPE on the first rotary_dim dims of x (B, h, T, hd); cos_cache/sin_cache
     (n_positions, r/2) in x's dtype, read at position_ids (B, T). ONNX: RotaryEmbedding
@@ -47,13 +64,16 @@ def rotary_embedding(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-@rotary_embedding.register_fake
+_rotary_embedding_op = torch.library.custom_op("kvtrace::rotary_embedding", _rotary_embedding, mutates_args=())
+rotary_embedding = _routed(_rotary_embedding_op, _rotary_embedding)
+
+
+@_rotary_embedding_op.register_fake
 def _(x, cos_cache, sin_cache, position_ids, rotary_dim):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("kvtrace::cache_update", mutates_args=())
-def cache_update(cache: torch.Tensor, new: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def _cache_update(cache: torch.Tensor, new: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """The static cache with row b's T new entries written at slots position_ids[b, 0] + t
     along axis -2: cache (B, n_kv, S, hd), new (B, n_kv, T, hd) -> (B, n_kv, S, hd).
     ONNX: TensorScatter(axis=-2, write_indices = position_ids[:, 0]), its output aliasing the
@@ -65,6 +85,10 @@ def cache_update(cache: torch.Tensor, new: torch.Tensor, position_ids: torch.Ten
     return cache.scatter(2, idx, new.to(cache.dtype))
 
 
-@cache_update.register_fake
+_cache_update_op = torch.library.custom_op("kvtrace::cache_update", _cache_update, mutates_args=())
+cache_update = _routed(_cache_update_op, _cache_update)
+
+
+@_cache_update_op.register_fake
 def _(cache, new, position_ids):
     return cache.new_empty(cache.shape)

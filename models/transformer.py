@@ -21,6 +21,7 @@ RotaryEmbedding, TensorScatter).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,6 +35,25 @@ from . import ops
 
 # True while torch.export traces the model (torch >= 2.7; older torch cannot trace it anyway)
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Modules made inside are on the meta device (no parameter memory) and skip their
+    initialisers (torch.nn.init's functions return the tensor untouched): every parameter is
+    assigned from a checkpoint afterwards, and an initialiser run on a meta tensor goes through
+    torch's Python decompositions, whose first use imports torch._dynamo and sympy (70 MB
+    resident and a second of import for nothing). Not thread-safe: for the building thread only."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 # --------------------------------------------------------------------------- caches

@@ -54,6 +54,8 @@ MIN_ORT_GPU = (1, 31, 1)
 CPU_FALLBACK_OFF = "session.disable_cpu_ep_fallback"  # session config: no node may go to the CPU
 RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"  # session config: keep node placement
 GRAPH_ID = "gpu_graph_id"  # run config: which captured CUDA graph a run is (-1: never capture)
+# session config: the folder of a graph's external data when the graph is loaded from bytes
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 # session config: compute type of the MatMulNBits that DequantizeLinear + MatMul fuse into
 QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
@@ -259,13 +261,15 @@ class OrtBackend:
         device (what capture relies on) without capturing: graph_runs() shows them.
       accuracy_level: quantised artifacts: the compute type of onnxruntime's fused low-bit MatMul
         (session.qdq_matmulnbits_accuracy_level), default the manifest's quant.accuracy_level.
+      graph_bytes: CPU only; a serialized graph to run instead of the artifact's file (a piece of
+        it, exporter/chain.py), its external data resolved in the artifact directory.
     """
 
     def __init__(self, artifact_dir: Path, manifest, *, device: str = "cpu", threads: int | None = None,
                  optimization: str = "all", log_severity: int = 3, graph: str = "auto",
                  cuda_graph: bool | None = None, allow_cpu_nodes: bool = False,
                  check_fixed_buffers: bool = False, device_id: int = 0, prepack: bool = True,
-                 accuracy_level: int | None = None):
+                 accuracy_level: int | None = None, graph_bytes: bytes | None = None):
         try:
             ort = _import_ort()
         except ImportError as e:
@@ -316,15 +320,20 @@ class OrtBackend:
                 so.add_session_config_entry("session.disable_prepacking", "1")
             if accuracy_level is not None:
                 so.add_session_config_entry(QDQ_ACCURACY_LEVEL, str(int(accuracy_level)))
+            if graph_bytes is not None:  # where its external data lives; a few runs: no arena kept
+                so.add_session_config_entry(EXTERNAL_FOLDER, str(artifact_dir))
+                so.enable_cpu_mem_arena = False
             return so
 
         self.placement = None
+        if graph_bytes is not None and device == "cuda":
+            raise KvtraceError("graph_bytes: onnxruntime on the CPU only")
         if device == "cuda":
             self.session, self.placement, capture = self._cuda_session(onnx_file, options, capture, allow_cpu_nodes)
         else:
             try:
-                self.session = ort.InferenceSession(str(onnx_file), sess_options=options(),
-                                                    providers=["CPUExecutionProvider"])
+                self.session = ort.InferenceSession(str(onnx_file) if graph_bytes is None else graph_bytes,
+                                                    sess_options=options(), providers=["CPUExecutionProvider"])
             except Exception as e:
                 if _manifest_get(manifest, "dtype", None) == "bfloat16" and "NOT_IMPLEMENTED" in str(e):
                     raise KvtraceError(f"{artifact_dir} is a bfloat16 artifact, and onnxruntime's CPU provider has "

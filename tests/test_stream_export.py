@@ -252,6 +252,71 @@ def test_release_drops_mapped_pages(tmp_path):
     assert touched - before > 25 and touched - after > 25, (before, touched, after)
 
 
+def test_release_view_drops_a_mapped_range_and_nothing_else(tmp_path):
+    """files.release_view: the pages under a view of a read-only mapping leave RSS (its bytes
+    read back the same, from the page cache); an anonymous array and a writable mapping are left
+    alone (MADV_DONTNEED would zero them)."""
+    import mmap
+
+    from kvtrace.files import release_view, rss_mb
+
+    data = np.random.default_rng(0).standard_normal(8 << 20).astype(np.float32)  # 32 MiB
+    (tmp_path / "w.bin").write_bytes(data.tobytes())
+    with open(tmp_path / "w.bin", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mm, dtype=np.float32, offset=4096 * 3).reshape(-1, 1024)  # at an offset
+    before = rss_mb()["file"]
+    total = float(view.astype(np.float64).sum())
+    touched = rss_mb()["file"]
+    release_view(view[: len(view) // 2])
+    half = rss_mb()["file"]
+    release_view(view)
+    after = rss_mb()["file"]
+    assert touched - before > 25 and 10 < touched - half < 20 and touched - after > 25, (before, touched, half, after)
+    assert float(view.astype(np.float64).sum()) == total
+    anon = data.copy()
+    release_view(anon)
+    assert np.array_equal(anon, data)
+    del view
+    mm.close()
+
+
+def test_big_tensors_are_checked_in_bands(sharded, tmp_path, monkeypatch, capsys):
+    """Every tensor counted big (files.RELEASE_WHILE_READING) and bands of 256 bytes: the export
+    is the same bytes and passes; the NaN scan, the transpose and the band check release what
+    they read; a wrong element in the last band of a transposed weight is named at its index."""
+    from kvtrace import files
+    from kvtrace.exporter import verify
+
+    ck = sharded["llama_gqa_linear_tied"]
+    plain = export_checkpoint(ck, tmp_path / "plain", max_seq=32, **QUIET)
+    released = []
+    real_release = files.release_view
+    monkeypatch.setattr(files, "RELEASE_WHILE_READING", 1)
+    monkeypatch.setattr(verify, "BAND_BYTES", 256)
+    monkeypatch.setattr(files, "release_view", lambda a: (released.append(a.nbytes), real_release(a)))
+    banded = export_checkpoint(ck, tmp_path / "banded", max_seq=32, **QUIET)
+    assert _files(banded) == _files(plain) and len(released) > 100
+    shutil.rmtree(banded)
+
+    real = onnx_graph.transposed
+    calls = []
+
+    def wrong(a, out=None, tile=128):
+        calls.append(1)
+        r = real(a, out, tile)
+        if len(calls) == 3:  # the third part of layer 0's fused projection: V, the last columns
+            r[-1, -1] += 1
+        return r
+
+    monkeypatch.setattr(onnx_graph, "transposed", wrong)
+    rc = cli.main(["export", "--checkpoint", str(ck), "--max-seq", "32", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    cfg = load_checkpoint(ck).config
+    last = [cfg.hidden_size - 1, cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim - 1]
+    assert rc == 1 and f"initializer 'layers.0.attn.qkv.weight'" in err and f"first at index {last}" in err, err
+
+
 def test_release_upto_a_mark_leaves_later_tensors_alone(tmp_path):
     """The writer's job thread releases a checked tensor while the main thread reads the next:
     release(upto=mark) drops the tensors handed out up to the mark and not the one handed out

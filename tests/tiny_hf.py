@@ -49,13 +49,14 @@ def _xglm_kwargs(kw: dict) -> dict:
     return out
 
 
-def hf_model(variant: str, seed: int = 0):
-    """A fresh transformers model for `variant` (eval mode, fp32, eager attention)."""
+def hf_model(variant: str, seed: int = 0, **override):
+    """A fresh transformers model for `variant` (eval mode, fp32, eager attention); `override`
+    changes the common config keys (e.g. num_hidden_layers=4)."""
     import torch
     import transformers
 
     cls_name, extra = VARIANTS[variant]
-    kw = {**_common, **extra}
+    kw = {**_common, **extra, **override}
     if cls_name == "XGLM":
         kw = _xglm_kwargs(kw)
     config = getattr(transformers, f"{cls_name}Config")(**kw)
@@ -78,6 +79,16 @@ def checkpoint(variant: str) -> Path:
     out = root / variant
     if not (out / "config.json").exists():
         hf_model(variant).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def deeper(variant: str, n_layers: int) -> Path:
+    """Like checkpoint(variant), with n_layers blocks (the default is 2)."""
+    root = Path(os.environ.get("KVTRACE_TEST_TMP") or tempfile.mkdtemp(prefix="kvtrace-hf-"))
+    out = root / f"{variant}-{n_layers}-layers"
+    if not (out / "config.json").exists():
+        hf_model(variant, num_hidden_layers=n_layers).save_pretrained(out, safe_serialization=True)
     return out
 
 
