@@ -4,7 +4,7 @@ reclaimable: the kernel drops them under memory pressure instead of killing the 
 
     run_measured(cmd, memory_limit=None) -> dict
 
-peak_rss_mb: the child's ru_maxrss (wait4), exact. peak_anon_mb / peak_file_mb: sampled from
+peak_rss_mb: the child's ru_maxrss (wait4), exact, in MiB (the _mb keys are MiB throughout). peak_anon_mb / peak_file_mb: sampled from
 /proc/PID/status every 50 ms (RssAnon, RssFile), so a peak shorter than that can be missed.
 memory_limit (bytes): run the child in a fresh memory cgroup with that limit (cgroup v1
 memory.limit_in_bytes, or v2 memory.max); the result then has the cgroup's peak usage

@@ -107,8 +107,8 @@ def main(argv=None) -> int:
               f"load average {res['load_average']} -> {res['load_average_after']}")
         for via in ("build", "trace"):
             for r in res[via]:
-                print(f"  --via {via:5s} wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB "
-                      f"({r['peak_rss_mb'] * 1e6 / (res['checkpoint_mb'] * 1e6):.2f}x checkpoint)  "
+                print(f"  --via {via:5s} wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MiB "
+                      f"({r['peak_rss_mb'] * 2**20 / (res['checkpoint_mb'] * 1e6):.2f}x checkpoint)  "
                       f"artifact {res[f'artifact_mb_{via}']} MB")
         b = min(r["wall_s"] for r in res["build"])
         t = min(r["wall_s"] for r in res["trace"])
