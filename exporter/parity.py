@@ -24,9 +24,11 @@ Exit 0 (pass) or 1 (ParityFailure); 2 for bad input (a golden for another model 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from kvtrace import options
+from kvtrace.config import ModelConfig
 from kvtrace.errors import KvtraceError, ParityFailure
 from kvtrace.options import SEED_MAX, check_int, check_number
 from kvtrace.runtime import parity as harness
@@ -50,7 +52,7 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
            batch: int = DEFAULT_BATCH, backend: str = "auto", prompt_len: int | None = None, seed: int = DEFAULT_SEED,
            tolerance: dict | None = None, save_golden: str | None = None, golden_top: int | None = None,
            golden_sample: int | None = None, log=print, verify: bool = True, unquantized: bool = False,
-           accuracy_level: int | None = None, exact_check: bool = True) -> dict:
+           accuracy_level: int | None = None, exact_check: bool = True, streamed: bool | None = None) -> dict:
     """Run the comparison against a reference model and return the report dict
     (report["passed"] is the verdict). save_golden: also write the reference's run to this
     golden file (kvtrace.runtime.golden), before the artifact runs. verify: check every artifact
@@ -61,7 +63,13 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
     compares with the original weights instead (the scheme's ":unquantized" row: the accuracy
     the quantisation costs). accuracy_level: run onnxruntime's fused low-bit MatMul at this level
     instead of the manifest's; 1 computes in fp32, so the artifact must then match the quantised
-    reference to fp32 rounding (judged by the compute dtype's row)."""
+    reference to fp32 rounding (judged by the compute dtype's row).
+
+    streamed (--against torch with a checkpoint): the reference runs one block at a time from the
+    memory-mapped checkpoint (exporter/references.py LayerStreamedReference) over the prompts and
+    a fixed continuation (teacher forcing), and on the CPU the artifact runs piece by piece
+    (exporter/chain.py): memory is one block's, whatever the model's size. None: streamed when
+    the fp32 model would need more than half the available memory (said in a log line)."""
     from kvtrace import configs
     from kvtrace.runtime.model import Model
 
@@ -106,9 +114,13 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
                            "pip install 'kvtrace[export]', or replay a golden file: --golden FILE") from e
     from kvtrace.exporter import references
 
-    ref = references.torch_reference(manifest, checkpoint) if against == "torch" else \
-        references.hf_reference(manifest, checkpoint)
-    if quant and not unquantized:
+    streamed = _streamed(manifest, against, checkpoint, streamed, log)
+    if streamed:
+        ref = _streamed_reference(manifest, checkpoint, quant=quant and not unquantized)
+    else:
+        ref = references.torch_reference(manifest, checkpoint) if against == "torch" else \
+            references.hf_reference(manifest, checkpoint)
+    if quant and not unquantized and not streamed:
         if against != "torch":
             raise KvtraceError("--against hf on a quantised artifact: transformers runs the original weights; add "
                                "--unquantized (judged by the scheme's accuracy row) or use --against torch")
@@ -117,7 +129,10 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
         raise KvtraceError(f"--save-golden {save_golden}: the reference checkpoint is not the one the artifact was "
                            "exported from (digests differ), so the golden would be labelled with the wrong model; "
                            "pass the artifact's own checkpoint")
-    trace = harness.record(ref, prompts, steps)
+    if streamed:
+        trace = ref.record(prompts, steps, seed)
+    else:
+        trace = harness.record(ref, prompts, steps)
     ref.close()  # its weights go before the artifact's session loads
     tol = {**tol_row, **{k: v for k, v in (tolerance or {}).items() if v is not None}}
     if save_golden:
@@ -136,22 +151,122 @@ def parity(artifact: str, *, against: str = "torch", checkpoint: str | None = No
             + ("every logit" if lg["top"] == lg["vocab"] else f"top-{lg['top']} + {lg['sample']} sampled of "
                f"{lg['vocab']} logits") + " per position)")
     opts = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
-    m = Model.load(artifact, backend=backend, **opts)  # digests were checked above
-    result = harness.judge(harness.replay(m, trace), tol)
+    run = _runner(artifact, manifest, backend, streamed)
+    result, backend_name = run(trace, opts)
+    result = harness.judge(result, tol)
     result["tolerance_row"] = tol_key
     if exact_check and not unquantized and accuracy_level is None and \
-            harness.wants_exact_check(manifest, m.backend_name):
-        m.close()
-        exact = Model.load(artifact, backend=m.backend_name, accuracy_level=harness.EXACT_ACCURACY_LEVEL)
-        try:
-            row = {**configs.TOLERANCES[manifest["dtype"]],
-                   **{k: v for k, v in (tolerance or {}).items() if v is not None}}
-            harness.add_exact_check(result, harness.judge(harness.replay(exact, trace), row))
-        finally:
-            exact.close()
-    return harness.make_report(manifest, artifact=artifact, backend=getattr(m, "backend_name", backend),
+            harness.wants_exact_check(manifest, backend_name):
+        row = {**configs.TOLERANCES[manifest["dtype"]],
+               **{k: v for k, v in (tolerance or {}).items() if v is not None}}
+        exact, _ = run(trace, {"accuracy_level": harness.EXACT_ACCURACY_LEVEL}, backend_name)
+        harness.add_exact_check(result, harness.judge(exact, row))
+    return harness.make_report(manifest, artifact=artifact, backend=backend_name,
                                against=against, reference=ref.description, prompts=prompts, steps=steps,
                                seed=seed, result=result)
+
+
+def _streamed(manifest: dict, against: str, checkpoint, streamed: bool | None, log) -> bool:
+    """Whether the reference is streamed (parity's docstring); explicit choices are checked."""
+    from kvtrace import files
+
+    src = manifest.get("source") or {}
+    from_checkpoint = checkpoint is not None or src.get("kind") == "checkpoint"
+    if streamed:
+        if against != "torch":
+            raise KvtraceError("--streamed: only with --against torch (transformers holds its whole model)")
+        if not from_checkpoint:
+            raise KvtraceError("--streamed: the artifact was exported from a built-in configuration, which has no "
+                               "checkpoint to stream; pass --checkpoint DIR")
+        return True
+    if streamed is not None or against != "torch" or not from_checkpoint:
+        return False
+    need = 4 * ModelConfig.from_dict(manifest["config"]).n_params()  # the fp32 reference model
+    avail, where = files.available_memory()
+    if avail is None or need <= avail // 2:
+        return False
+    log(f"the fp32 reference model needs about {need / 1e9:.1f} GB, more than half of the {avail / 1e9:.1f} GB "
+        f"available ({where}): streaming it one block at a time (--streamed; its tokens after the prompts are a "
+        "fixed continuation)")
+    return True
+
+
+class _StreamedReference:
+    """The layer-streamed reference over the artifact's checkpoint, with parity's description."""
+
+    def __init__(self, weights, cfg, description: dict, fake_quant=None):
+        self.weights, self.cfg, self.description = weights, cfg, description
+        self._ref_weights = fake_quant or weights
+
+    def record(self, prompts, steps: int, seed: int):
+        """The trace: prompts, then `steps` tokens per row drawn like the prompts (seed + 1)."""
+        import time
+
+        from kvtrace.exporter.references import LayerStreamedReference
+
+        cfg = self.cfg
+        avoid = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+        cont = harness.make_prompts(len(prompts), steps, cfg.vocab_size, seed + 1, ragged=False, avoid=avoid) \
+            if steps else [[] for _ in prompts]
+        t0 = time.perf_counter()
+        trace = LayerStreamedReference(cfg, self._ref_weights, self.description).run(
+            prompts, cont, [cfg.n_layers])[cfg.n_layers]
+        trace.seconds = time.perf_counter() - t0
+        return trace
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+def _streamed_reference(manifest: dict, checkpoint, quant: bool) -> _StreamedReference:
+    from kvtrace.exporter import references
+    from kvtrace.models.checkpoint import open_checkpoint
+    from kvtrace.models.stream import CheckpointWeights
+
+    path = references._checkpoint_path(manifest, checkpoint)
+    ck = open_checkpoint(path)
+    weights = CheckpointWeights(ck)
+    try:
+        digest = weights.digest()
+    except BaseException:
+        weights.close()
+        raise
+    desc = {"kind": "checkpoint", "path": str(path), "sha256": digest, "dtype": "float32",
+            "streamed": "one block at a time; tokens after the prompts: a fixed continuation (teacher forcing)"}
+    src = manifest.get("source") or {}
+    if src.get("sha256") and src["sha256"] != digest:
+        desc["digest_mismatch"] = src["sha256"]
+        print(f"warning: checkpoint {path} (sha256 {digest[:12]}…) is not the one the artifact was exported from "
+              f"(sha256 {src['sha256'][:12]}…)", file=sys.stderr)
+    fake = None
+    if quant:
+        from kvtrace.exporter.quantize import FakeQuantized, QuantSpec
+
+        fake = FakeQuantized(ck.config, weights, QuantSpec.from_manifest(manifest["quant"]), manifest["dtype"])
+        desc["weights"] = "quantised as the artifact, dequantised to fp32"
+    return _StreamedReference(weights, ck.config, desc, fake)
+
+
+def _runner(artifact, manifest: dict, backend: str, streamed: bool):
+    """run(trace, options, backend=None) -> (unjudged replay result, backend name): the whole
+    graph on the chosen backend, or, streamed on the CPU, the graph piece by piece."""
+    from kvtrace.runtime.backends import choose_backend
+    from kvtrace.runtime.model import Model
+
+    on_cpu = backend == "onnxruntime" or (backend == "auto" and choose_backend(manifest) == ["onnxruntime"])
+
+    def run(trace, opts, name=None):
+        if streamed and on_cpu:
+            from kvtrace.exporter import chain
+
+            return chain.replay(artifact, trace, threads=None, prepack=bool(manifest.get("quant")),
+                                **opts), "onnxruntime (piece by piece)"
+        m = Model.load(artifact, backend=name or backend, **opts)  # digests were checked above
+        try:
+            return harness.replay(m, trace), m.backend_name
+        finally:
+            m.close()
+    return run
 
 
 def replay_golden(artifact: str, golden_file: str, *, backend: str = "auto", tolerance: dict | None = None,
@@ -213,6 +328,11 @@ def add_arguments(p) -> None:
     p.add_argument("--min-top1", type=options.number(0.0, 1.0), help="override the dtype's minimum top-1 agreement")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifact's files (sizes are still checked)")
+    p.add_argument("--streamed", action="store_true", default=None,
+                   help="--against torch: run the reference one block at a time from the checkpoint and, on the "
+                        "CPU, the artifact piece by piece (bounded memory at any size; the tokens after the prompts "
+                        "are then a fixed continuation). Default: when the fp32 model needs more than half the "
+                        "available memory")
 
 
 OUTPUTS = (("json_report", "--json"), ("junit_xml", "--junit-xml"), ("summary", "--summary"), ("plot", "--plot"),
@@ -240,6 +360,7 @@ def main(args) -> int:
     against = getattr(args, "against", None)
     if golden_file:
         for opt, v in (("--against", against), ("--checkpoint", getattr(args, "checkpoint", None)),
+                       ("--streamed", getattr(args, "streamed", None)),
                        ("--save-golden", getattr(args, "save_golden", None)),
                        ("--golden-top", getattr(args, "golden_top", None)),
                        ("--golden-sample", getattr(args, "golden_sample", None))):
@@ -269,7 +390,7 @@ def main(args) -> int:
                         save_golden=getattr(args, "save_golden", None), golden_top=getattr(args, "golden_top", None),
                         golden_sample=getattr(args, "golden_sample", None), verify=not args.no_verify,
                         unquantized=args.unquantized, accuracy_level=args.accuracy_level,
-                        exact_check=not args.no_exact_check)
+                        exact_check=not args.no_exact_check, streamed=getattr(args, "streamed", None))
     table = harness.format_table(report)
     print(table)
     write_outputs(args, report, table, plot_skip)

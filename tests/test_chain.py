@@ -146,3 +146,57 @@ def test_export_full_validation_runs_the_chain_and_says_so(tmp_path):
     L = load_manifest(out)["config"]["n_layers"]
     assert v["mode"] == "full" and v["chain"]["pieces"] == L + 2 and "pieces run one after another" in v["method"]
     assert sorted(p.name for p in out.iterdir()) == ["kvtrace.json", "model.gpu.onnx", "model.onnx", "model.onnx.data"]
+
+
+# ------------------------------------------------------------------ kvtrace parity --streamed
+@pytest.mark.parametrize("variant", ["neox_parallel_r025", "starcoder2_gqa_window_bias"])
+def test_streamed_parity_passes_and_says_how_it_ran(variant, tmp_path, capsys):
+    from kvtrace import cli
+
+    art = export_checkpoint(tiny_hf.checkpoint(variant), tmp_path / "a", max_seq=64, **QUIET)
+    rc = cli.main(["parity", str(art), "--streamed", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["passed"] and r["backend"] == "onnxruntime (piece by piece)" and "one block at a time" in r["reference"]["streamed"]
+
+
+def test_streamed_parity_is_chosen_when_memory_is_short_and_fails_a_damaged_late_block(tmp_path, monkeypatch):
+    from kvtrace import files
+    from kvtrace.exporter.parity import parity
+
+    art = export_checkpoint(tiny_hf.deeper("llama_gqa_linear_tied", 4), tmp_path / "a", max_seq=64, **QUIET)
+    said = []
+    monkeypatch.setattr(files, "available_memory", lambda: (1000, "test"))
+    assert parity(str(art), log=said.append)["passed"]
+    assert any("streaming it one block at a time" in m for m in said), said
+    _perturb(art, "layers.3.mlp.down.weight", by=2.0)  # the last block: bounded export validation never runs it
+    bad = parity(str(art), log=said.append, verify=False)  # (the digests would refuse the file first)
+    assert not bad["passed"] and bad["backend"] == "onnxruntime (piece by piece)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--streamed", "--against", "hf"], "--streamed: only with --against torch"),
+    (["--streamed", "--golden", "g.npz"], "--streamed: not with --golden"),
+])
+def test_streamed_parity_refuses_what_it_cannot_stream(args, message, tmp_path, capsys):
+    from kvtrace import cli
+
+    art = export_checkpoint(tiny_hf.checkpoint("xglm_scaled"), tmp_path / "a", max_seq=64, **QUIET)
+    (tmp_path / "g.npz").write_bytes(b"")
+    rc = cli.main(["parity", str(art), *[str(tmp_path / a) if a == "g.npz" else a for a in args]])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and "Traceback" not in err, err
+
+
+def test_streamed_parity_of_a_builtin_artifact_is_refused(tmp_path, capsys):
+    from kvtrace import cli
+
+    rc = cli.main(["export", "--arch", "llama", "--out", str(tmp_path / "b"), "--max-seq", "32"])
+    assert rc == 0
+    capsys.readouterr()
+    rc = cli.main(["parity", str(tmp_path / "b"), "--streamed"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "built-in configuration" in err and "--checkpoint DIR" in err, err
