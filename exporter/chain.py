@@ -10,7 +10,9 @@ already holds. So the graph is cut into pieces, and the trace is replayed piece 
       the context (embedding lookup, positions, masks, cache write indices), piece i + 1 the
       nodes of block i, the last piece the final norm and the head. A node goes to the piece of
       the block whose weights it reads (initializers named layers.{i}.*; norm_f.* and lm_head.*
-      for the head), or to a later one when one of its inputs is made there. A tensor made in
+      for the head), or to a later one when one of its inputs is made there; a node computed
+      from weights alone (a tied head's Transpose of the embedding) goes to the first piece that
+      reads its output. A tensor made in
       one piece and read in a later one (the residual stream, the mask) is an output of the
       first and an input of the second. Each piece is a graph of its own with the artifact's
       opsets, whose external initializers keep their file, offset and length: onnxruntime maps
@@ -73,6 +75,9 @@ def split(model, n_layers: int) -> list[Piece]:
     made_in: dict[str, int] = {}  # tensor -> piece that makes it
     pieces = [Piece(i, "context" if i == 0 else "head" if i == n_layers + 1 else f"block {i - 1}")
               for i in range(n_layers + 2)]
+    where: list[int] = []  # piece of each node, in graph order
+    constant: list[bool] = []  # reads initializers (or such nodes' outputs) alone: the same every call
+    constant_out: set[str] = set()
     for node in g.node:
         p = 0
         for x in node.input:
@@ -80,9 +85,31 @@ def split(model, n_layers: int) -> list[Piece]:
                 p = max(p, _weight_piece(x, n_layers))
             elif x in made_in:
                 p = max(p, made_in[x])
-        pieces[p].nodes.append(node)
+        where.append(p)
+        c = all(not x or x in inits or x in constant_out for x in node.input)
+        constant.append(c)
+        if c:
+            constant_out.update(node.output)
         for o in node.output:
             made_in[o] = p
+    # a node computed from weights alone (a tied head's Transpose of the embedding) runs in the
+    # first piece that reads it, not in the context: else its output, as big as the weight, would
+    # be handed on and kept once per call
+    outputs = {v.name for v in g.output}
+    first_reader: dict[str, int] = {}
+    for k in range(len(g.node) - 1, -1, -1):
+        node = g.node[k]
+        if constant[k] and not any(o in outputs for o in node.output):
+            readers = [first_reader[o] for o in node.output if o in first_reader]
+            if readers:
+                where[k] = max(where[k], min(readers))
+        for x in node.input:
+            if x:
+                first_reader[x] = min(first_reader.get(x, where[k]), where[k])
+        for o in node.output:
+            made_in[o] = where[k]
+    for node, p in zip(g.node, where):
+        pieces[p].nodes.append(node)
     read_by: dict[str, set[int]] = {}  # tensor -> pieces that read it
     for pc in pieces:
         for node in pc.nodes:

@@ -90,6 +90,31 @@ def test_pieces_hold_every_node_once_and_only_their_blocks_weights(tmp_path):
         onnx.shape_inference.infer_shapes(onnx.load_from_string(p.graph_bytes), strict_mode=True)
 
 
+def test_a_tied_head_transposes_the_embedding_in_the_head_piece(tmp_path, monkeypatch):
+    """Transpose(embed.weight) of a tied head reads a weight alone: it belongs to the head piece.
+    Put in the context piece, its (D, V) output was handed on and kept once per call of the trace
+    (five copies of the embedding, held through every block's pass)."""
+    import onnx
+
+    ck = tiny_hf.checkpoint("llama_gqa_linear_tied")
+    art = export_checkpoint(ck, tmp_path / "a", max_seq=32, validate=False, **QUIET)
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    cfg = load_manifest(art)["config"]
+    pieces = chain.split(model, cfg["n_layers"])
+    head_t = [n.name for n in model.graph.node if n.op_type == "Transpose" and "embed.weight" in n.input]
+    assert head_t and head_t[0] in {n.name for n in pieces[-1].nodes}
+    assert "embed.weight" in pieces[-1].initializers
+    peak = [0]
+    run = chain._PieceBackend.run
+
+    def counting(self, feeds):
+        run(self, feeds)
+        peak[0] = max(peak[0], sum(a.nbytes for v in self.store.values() for a in v))
+
+    monkeypatch.setattr(chain._PieceBackend, "run", counting)
+    assert parity.judge(chain.replay(art, _trace(ck)), configs.TOLERANCES["float32"])["passed"]
+    assert 0 < peak[0] < cfg["vocab_size"] * cfg["hidden_size"] * 4  # less than the embedding
+
 def _perturb(art, name: str, k: int = 0, by: float = 0.5) -> None:
     """Add `by` to element k of initializer `name` in model.onnx.data (fp32)."""
     import onnx
