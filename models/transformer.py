@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,23 +38,47 @@ from . import ops
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
+_meta_lock = threading.Lock()
+_meta_users = 0  # threads inside on_meta(): nn.init is patched while there is one
+_meta_saved: dict = {}  # nn.init's own functions while patched
+_meta_here = threading.local()  # .depth: this thread's on_meta() nesting
+
+
+def _skipped_here(f):
+    """nn.init's `f`, a no-op in a thread inside on_meta()."""
+    def init(tensor, *args, **kwargs):
+        return tensor if getattr(_meta_here, "depth", 0) else f(tensor, *args, **kwargs)
+    return init
+
+
 @contextlib.contextmanager
 def on_meta():
     """Modules made inside are on the meta device (no parameter memory) and skip their
     initialisers (torch.nn.init's functions return the tensor untouched): every parameter is
     assigned from a checkpoint afterwards, and an initialiser run on a meta tensor goes through
     torch's Python decompositions, whose first use imports torch._dynamo and sympy (70 MB
-    resident and a second of import for nothing). Not thread-safe: for the building thread only."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
+    resident and a second of import for nothing). Thread-safe: the initialisers are skipped in
+    the calling thread only, and nn.init is restored when the last thread inside leaves."""
+    global _meta_users
+    with _meta_lock:
+        if _meta_users == 0:
+            names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+            _meta_saved.update({n: getattr(nn.init, n) for n in names})
+            for n, f in _meta_saved.items():
+                setattr(nn.init, n, _skipped_here(f))
+        _meta_users += 1
+    _meta_here.depth = getattr(_meta_here, "depth", 0) + 1
     try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
         with torch.device("meta"):
             yield
     finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
+        _meta_here.depth -= 1
+        with _meta_lock:
+            _meta_users -= 1
+            if _meta_users == 0:
+                for n, f in _meta_saved.items():
+                    setattr(nn.init, n, f)
+                _meta_saved.clear()
 
 
 # --------------------------------------------------------------------------- caches
