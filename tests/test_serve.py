@@ -243,14 +243,16 @@ def test_disconnect_frees_the_slot(slow):
 
 def test_deadlines(slow):
     t0 = time.monotonic()
-    st, h, b = post(slow, "/v1/completions", {"model": NAME, "prompt": "Slow", "max_tokens": 100, "timeout": 0.3},
-                    key=None)
+    # greedy: a sampled EOS could end the request before its deadline (measured: 1 run in 60 with
+    # sampling finished after 10 tokens with 200); greedy "Slow" runs all 100 tokens (2 s)
+    st, h, b = post(slow, "/v1/completions", {"model": NAME, "prompt": "Slow", "max_tokens": 100, "timeout": 0.3,
+                                              "temperature": 0}, key=None)
     assert st == 504 and json.loads(b)["error"]["code"] == "deadline_exceeded"
     assert time.monotonic() - t0 < 1.5
     # streaming: the deadline arrives after the first chunks -> an error event ends the stream
     c = client(slow)
     with pytest.raises(openai.APIError, match="deadline"):
-        for _ in c.completions.create(model=NAME, prompt="Slow", max_tokens=100, stream=True,
+        for _ in c.completions.create(model=NAME, prompt="Slow", max_tokens=100, stream=True, temperature=0,
                                       extra_body={"timeout": 0.3}):
             pass
     # waiting in the queue past the deadline: 503 with Retry-After
