@@ -266,16 +266,38 @@ def _dtype_name(arr: np.ndarray) -> str:
 def replay(artifact_dir: Path, trace, *, threads: int = 1, prepack: bool = False, accuracy_level=None) -> dict:
     """The trace replayed on the artifact's graph piece by piece (module docstring): the report
     of kvtrace.runtime.parity.replay for the whole graph, plus "chain" (pieces, nodes)."""
+    import time
+
+    from kvtrace.runtime import parity
+
+    t0 = time.perf_counter()
+    report, info = _run(artifact_dir, trace.prompts, trace.tokens, lambda m: parity.replay(m, trace),
+                        threads=threads, prepack=prepack, accuracy_level=accuracy_level)
+    report["chain"] = info
+    report["seconds"]["artifact"] = round(time.perf_counter() - t0, 3)  # every pass, not the last one
+    return report
+
+
+def run(artifact_dir: Path, prompts, tokens, *, threads: int = 1, prepack: bool = False) -> tuple[list, dict]:
+    """The artifact's logits for `prompts` (a prefill) then one step per entry of `tokens` (one
+    token per row), piece by piece: ([prefill logits (B, T, V), step logits (B, V), ...], the
+    chain's description)."""
+    def final(m):
+        out = [np.array(m.start(prompts))]
+        out += [m.step(tok) for tok in tokens]
+        return out
+    return _run(artifact_dir, prompts, tokens, final, threads=threads, prepack=prepack)
+
+
+def _run(artifact_dir: Path, prompts, tokens, final_pass, *, threads: int, prepack: bool, accuracy_level=None):
+    """(final_pass(model) on the head's pass, chain description): every piece in order, each
+    pass running `prompts` then `tokens` through the runtime's Model on that piece alone."""
     import onnx
 
     from kvtrace.manifest import load_manifest
-    from kvtrace.runtime import parity
     from kvtrace.runtime.backends import OrtBackend, _graph_file
     from kvtrace.runtime.model import Model
 
-    import time
-
-    t0 = time.perf_counter()
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
     onnx_file = _graph_file(artifact_dir, manifest, "cpu", "cpu")[0]
@@ -292,22 +314,21 @@ def replay(artifact_dir: Path, trace, *, threads: int = 1, prepack: bool = False
                accuracy_level=accuracy_level).release()
     store: dict[str, list] = {}
     calls: list = []
-    report = None
+    result = None
     for k, pc in enumerate(pieces):
-        final = k == len(pieces) - 1
         inner = OrtBackend(artifact_dir, manifest, threads=threads, prepack=prepack, accuracy_level=accuracy_level,
                            graph_bytes=pc.graph_bytes)
         be = _PieceBackend(inner, pc, store, calls, n_layers)
         m = Model(artifact_dir, manifest, be, None)
         try:
-            if final:
-                report = parity.replay(m, trace)
+            if k == len(pieces) - 1:
+                result = final_pass(m)
             else:
-                m.start(trace.prompts)
-                for tok in trace.tokens:
+                m.start(prompts)
+                for tok in tokens:
                     m.step(tok)
             if be._call != len(calls):
-                raise KvtraceError(f"internal error: chained validation, piece {pc.what} ran {be._call} calls, "
+                raise KvtraceError(f"internal error: chained run, piece {pc.what} ran {be._call} calls, "
                                    f"the first pass {len(calls)}")
         finally:
             m.close()
@@ -315,7 +336,5 @@ def replay(artifact_dir: Path, trace, *, threads: int = 1, prepack: bool = False
         later = {x for p in pieces[k + 1:] for x in p.inputs}
         for x in [x for x in store if x not in later]:  # read by no later piece
             del store[x]
-    report["chain"] = {"pieces": len(pieces), "nodes": n_nodes,
-                       "largest_piece_bytes": max(pc.weight_bytes for pc in pieces)}
-    report["seconds"]["artifact"] = round(time.perf_counter() - t0, 3)  # every pass, not the last one
-    return report
+    return result, {"pieces": len(pieces), "nodes": n_nodes,
+                    "largest_piece_bytes": max(pc.weight_bytes for pc in pieces)}

@@ -169,7 +169,7 @@ def test_export_full_validation_runs_the_chain_and_says_so(tmp_path):
                             **QUIET)
     v = load_manifest(out)["validation"]
     L = load_manifest(out)["config"]["n_layers"]
-    assert v["mode"] == "full" and v["chain"]["pieces"] == L + 2 and "pieces run one after another" in v["method"]
+    assert v["mode"] == "full" and v["chain"]["pieces"] == L + 2 and "the whole graph in" in v["method"] and "pieces one after another" in v["method"]
     assert sorted(p.name for p in out.iterdir()) == ["kvtrace.json", "model.gpu.onnx", "model.onnx", "model.onnx.data"]
 
 
@@ -225,3 +225,19 @@ def test_streamed_parity_of_a_builtin_artifact_is_refused(tmp_path, capsys):
     rc = cli.main(["parity", str(tmp_path / "b"), "--streamed"])
     err = capsys.readouterr().err
     assert rc != 0 and "built-in configuration" in err and "--checkpoint DIR" in err, err
+
+
+def test_bounded_whole_graph_step_runs_piece_by_piece_and_fails_on_inf(tmp_path):
+    """Bounded validation's whole-graph step (one-token prompt, one decode step) runs piece by
+    piece; an Inf planted in the last block (beyond the truncated graph) makes it fail."""
+    from kvtrace.errors import ParityFailure
+
+    ck = tiny_hf.deeper("neox_parallel_r025", 4)
+    art = export_checkpoint(ck, tmp_path / "a", max_seq=32, validation="bounded", **QUIET)
+    v = load_manifest(art)["validation"]
+    assert v["whole_graph"]["finite"] is True and "piece by piece (6 pieces)" in v["whole_graph"]["ran"]
+    cfg = open_checkpoint(ck).config
+    assert validate._smoke(art, cfg, lambda m: None)["finite"]
+    _perturb(art, "layers.3.mlp.down.bias", by=float("inf"))
+    with pytest.raises(ParityFailure, match="non-finite logits"):
+        validate._smoke(art, cfg, lambda m: None)
