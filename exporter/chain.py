@@ -70,6 +70,8 @@ def split(model, n_layers: int) -> list[Piece]:
     import onnx
     from onnx import helper
 
+    from kvtrace.exporter.onnx_graph import standard_twin
+
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     made_in: dict[str, int] = {}  # tensor -> piece that makes it
@@ -118,7 +120,7 @@ def split(model, n_layers: int) -> list[Piece]:
                     read_by.setdefault(x, set()).add(pc.index)
     graph_in = {v.name: v for v in g.input}
     graph_out = {v.name: v for v in g.output}
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(standard_twin(model), strict_mode=False)
     value_info = {v.name: v for v in inferred.graph.value_info}  # type and (symbolic) shape
     for pc in pieces:
         made = {o for n in pc.nodes for o in n.output}

@@ -311,7 +311,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
     except BaseException:
         files.remove_dirs(made_parents)
         raise
-    tmp = None
+    tmp = streamed_ref = None
     need = {}
     try:
         for msg in files.remove_stale(out):
@@ -324,7 +324,14 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             from kvtrace.exporter.verify import InitializerCheck
 
             check = InitializerCheck(cfg, weights, spec.dtype, spec.max_seq)
-        graph, inits, graph_info, written = _write_graph(cfg, weights, tmp, spec, log, need, check, progress, model)
+        if streamed:  # the reference reads the checkpoint alone: it runs while the weights are written
+            from kvtrace.exporter import validate
+
+            def before_writing(inits):
+                nonlocal streamed_ref
+                streamed_ref = validate.StreamedReference(cfg, weights, spec, sum(t.nbytes for t in inits))
+        graph, inits, graph_info, written = _write_graph(cfg, weights, tmp, spec, log, need, check, progress, model,
+                                                         before_writing=before_writing if streamed else None)
         readback = checks.check_initializers(tmp / io_spec.ONNX_NAME, inits, lambda m: log("validate: " + m)) \
             if spec.validate and check is None else None
         built = gpu_form.from_traced(graph, inits, graph_info) if spec.via == "trace" else None
@@ -346,7 +353,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             if streamed:
                 manifest["validation"] = validate.validate_streamed(
                     tmp, graph, inits, cfg, weights, spec=spec, written=written, check=check,
-                    release=release, log=vlog)
+                    release=release, log=vlog, reference=streamed_ref)
                 if readback is not None:
                     manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
             else:
@@ -364,6 +371,8 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
         files.replace_dir(tmp, out, force=force, is_ours=manifest_mod.not_an_artifact)
     except BaseException as e:
         with _signals_ignored():  # a second Ctrl-C must not cut the cleanup short
+            if streamed_ref is not None:
+                streamed_ref.cancel()
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:  # interrupted inside staging_dir(): its directory exists, its name was not returned yet
@@ -417,10 +426,12 @@ def make_graph(cfg, weights, spec: ExportSpec, model=None, *, dtype: str | None 
     return onnx_graph.build(cfg, weights, **{**spec.graph_options(), "dtype": dtype})
 
 
-def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, check=None, progress=None, model=None):
+def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, check=None, progress=None, model=None,
+                 before_writing=None):
     """Build (or trace) the graph and stream the weights into tmp/model.onnx.data, the graph to
     tmp/model.onnx: each tensor is checked (check), its source pages released (weights.release)
-    and progress reported.
+    and progress reported. before_writing(inits): called once the graph is built and the disk
+    space checked, before the first byte is written.
 
     Weights are always external: the GPU form shares the file, and onnxruntime memory-maps
     external data (an embedded fp32 model peaked 150-300 MB higher at 160M parameters)."""
@@ -443,6 +454,8 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, che
         raise KvtraceError(f"--out {tmp.parent / tmp.name.split(files.STAGING_TAG)[0][1:]}: not enough disk space in "
                            f"{tmp.parent}: the artifact needs {size} bytes ({size / 1e9:.2f} GB), {free} are free; "
                            "nothing was written")
+    if before_writing is not None:
+        before_writing(inits)
     release = getattr(weights, "release", None)
     mark = getattr(weights, "mark", None)
     marks: dict[str, int] = {}  # initializer -> the weights' mark right after its bytes were made
@@ -469,9 +482,11 @@ def _write_graph(cfg, weights, tmp: Path, spec: ExportSpec, log, need: dict, che
     t0 = time.perf_counter()
     from kvtrace.exporter.writer import Jobs
 
-    try:  # the check with the page release, and the digests, run beside the writing (each in order)
+    try:  # the digests, then the check and the page release, beside the writing (in order, in one worker:
+        # a tensor written straight from the mapped checkpoint is hashed from its pages, which must
+        # not be released before; the check compares at ~7 GB/s, so one worker keeps up)
         written = write_onnx(graph, to_write, tmp / io_spec.ONNX_NAME, external=external, on_tensor=on_tensor,
-                             jobs=Jobs(depth=4), hash_jobs=Jobs(depth=4))
+                             jobs=Jobs(depth=4))
     finally:
         bar.close()
         if check is not None:

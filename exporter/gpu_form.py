@@ -50,7 +50,7 @@ def drop_attention_attribute(model, name: str = "softmax_precision") -> list[str
 
 def graph_options(cpu_options: dict) -> dict:
     """The builder options of the GPU form from those of model.onnx (ExportSpec.graph_options())."""
-    opts = dict(cpu_options, attention_precision="native")
+    opts = dict(cpu_options, attention_precision="native", linear="standard")
     if opts.get("layout", "static") == "static":
         opts["attend"] = "full"
     return opts
@@ -80,12 +80,12 @@ def _external_metas(onnx_path: Path) -> dict:
 
 def from_traced(graph, inits, info):
     """The GPU form of a traced graph (`kvtrace export --via trace`): the traced static graph
-    already attends over the whole cache with the mask, so it is the same graph without
+    already attends over the whole cache with the mask, so it is the same graph in standard ONNX
+    (its linear layers MatMul(x, Transpose(w)), as the builder's GPU form) without
     `softmax_precision` (which TensorRT's parser rejects)."""
-    import onnx
+    from kvtrace.exporter.onnx_graph import standard_twin
 
-    model = onnx.ModelProto()
-    model.CopyFrom(graph)
+    model = standard_twin(graph)
     drop_attention_attribute(model, "softmax_precision")
     return model, inits, {**info, "softmax_precision": "dropped", "for": list(USED_BY)}
 
@@ -122,7 +122,9 @@ def attention_input_dims(model) -> dict[str, list]:
     Attention input name -> its dims (int, or the symbolic name)."""
     import onnx
 
-    inf = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    from kvtrace.exporter.onnx_graph import standard_twin
+
+    inf = onnx.shape_inference.infer_shapes(standard_twin(model), strict_mode=True)
     known = {v.name: v for v in list(inf.graph.input) + list(inf.graph.value_info) + list(inf.graph.output)}
     out = {}
     for node in inf.graph.node:

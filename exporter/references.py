@@ -233,6 +233,10 @@ class _Past:
         return DynamicCache.key_positions(self, attention_mask)
 
 
+class Cancelled(Exception):
+    """A LayerStreamedReference run ended early by its stop() (the export it served failed)."""
+
+
 class LayerStreamedReference:
     """Our PyTorch model in fp32, run one block at a time with weights taken from a Mapping
     (canonical name -> array, e.g. models/stream.py's memory-mapped checkpoint), so the whole
@@ -253,9 +257,10 @@ class LayerStreamedReference:
 
     HEAD_CHUNK_BYTES = 16 << 20  # fp32 head rows converted at a time (their source pages released after)
 
-    def __init__(self, cfg, weights, description: dict, release=None):
+    def __init__(self, cfg, weights, description: dict, release=None, stop=None):
         self.cfg, self.weights, self.description = cfg, weights, description
         self._release = release or getattr(weights, "release", None) or (lambda: None)
+        self._stop = stop or (lambda: False)  # asked before each block: True ends the run (Cancelled)
 
     def _f32(self, name: str):
         import torch
@@ -305,6 +310,8 @@ class LayerStreamedReference:
             self._release()
             kept = {}
             for i in range(depths[-1]):
+                if self._stop():
+                    raise Cancelled()
                 with on_meta():
                     blk = Block(cfg, i)
                 blk = self._module(blk, f"layers.{i}.")

@@ -21,8 +21,9 @@ caches; logits, then the presents. Batch, sequence, n_logits (and past length) a
 
 Afterwards the graph is put into the builder's form, so everything downstream (validation,
 runtime, `kvtrace build`, parity) takes it unchanged: weights become named initializers
-(canonical parameter names, linear weights stored transposed (in, out) as the builder stores
-them, produced lazily one at a time when written), the graph I/O carries io_spec's names,
+(canonical parameter names, linear weights stored (out, in) as the builder stores them and
+multiplied by FusedMatMul(transB=1) as the builder does, produced lazily one at a time when
+written), the graph I/O carries io_spec's names,
 dtypes and symbolic dims, and the IR version is stamped as low as the builder's.
 
 Supported: opset 24 only, static and dynamic caches, fp32/fp16/bf16. The static form attends
@@ -47,7 +48,7 @@ import numpy as np
 from kvtrace import io_spec
 from kvtrace.errors import KvtraceError
 
-from .onnx_graph import FUSED_MIN_OPSET, Initializer, ir_version_for, to_dtype, transposed
+from .onnx_graph import FUSED_MIN_OPSET, Initializer, fused_linears, ir_version_for, to_dtype
 
 TRACE_OPSET = FUSED_MIN_OPSET
 _MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -287,9 +288,10 @@ class _Weights:
                 value.name = canonical
             self.make[value.name] = (tuple(int(d) for d in tensor.shape), int(tensor.dtype.value), _numpy_of(tensor))
             graph.inputs.append(value)
-        # fold what torch.onnx put between a weight and its use: a (out, in) -> (in, out)
-        # Transpose feeding MatMul (stored transposed, as the builder stores it) and a Cast
-        # (the rope tables in the compute dtype), when every use of the weight is such a node
+        # fold what torch.onnx put between a weight and its use: a Cast (the rope tables in the
+        # compute dtype), when every use of the weight is such a node. The (out, in) -> (in, out)
+        # Transpose feeding a linear layer's MatMul stays: the weight is stored as the builder
+        # stores it, (out, in), and the pair becomes FusedMatMul(transB=1) (onnx_graph.fused_linears)
         changed = True
         while changed:
             changed = False
@@ -323,12 +325,7 @@ class _Weights:
 
 
 def _foldable(node) -> bool:
-    if node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type == "Transpose":
-        perm = node.attributes.get("perm")
-        return perm is not None and list(perm.value) == [1, 0]
-    return node.op_type in ("Cast", "Identity")
+    return node.domain in ("", "ai.onnx") and node.op_type in ("Cast", "Identity")
 
 
 def _attr_key(node):
@@ -337,8 +334,6 @@ def _attr_key(node):
 
 def _fold(node, dims, dt, src: Callable[[], np.ndarray]):
     """-> (dims, data type, producer) of `node` applied to a weight."""
-    if node.op_type == "Transpose":
-        return dims[::-1], dt, lambda: transposed(src())
     if node.op_type == "Cast":
         to = int(node.attributes["to"].value)
         return dims, to, lambda: to_dtype(src(), _DTYPE_NAME[to])
@@ -480,6 +475,7 @@ def trace(model, *, dtype: str, layout: str, max_seq: int, opset: int = TRACE_OP
     if foreign or proto.functions:
         raise KvtraceError(f"--via trace: the traced graph uses non-standard operators ({foreign or 'functions'})")
     _drop_default_attributes(proto)
+    fused_linears(proto, {t.name for t in inits})  # the CPU form's linear layers, as the builder's
     _check_io(proto, spec)
     names = [t.name for t in inits] + [i.name for i in proto.graph.initializer] + \
         [i.name for i in proto.graph.input] + [o for n in proto.graph.node for o in n.output if o]

@@ -50,9 +50,11 @@ def check_graph(model) -> None:
     """onnx.checker and strict shape inference on an in-memory ModelProto."""
     import onnx
 
+    from kvtrace.exporter.onnx_graph import standard_twin
+
     try:
         onnx.checker.check_model(model)
-        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.shape_inference.infer_shapes(standard_twin(model), strict_mode=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types; report them alike
         raise KvtraceError(f"ONNX check failed: {e}") from e
 
@@ -310,12 +312,66 @@ def plan(cfg, spec, weight_bytes: int | None = None) -> dict:
     return {"mode": mode, "why": why, "layers": layers, "smoke": smoke, "smoke_why": smoke_why, "available": avail}
 
 
+class StreamedReference:
+    """The reference side of validate_streamed, started before the artifact is written: the plan
+    (full or bounded, and the depth) and the layer-streamed reference's trace over the prompts
+    and the fixed continuation, computed in a background thread while the writer streams the
+    weights (it reads the checkpoint alone: nothing written is needed). The thread reads through
+    weights.fork() where the mapping has one (models/stream.py), so that its page releases and the
+    writer's never touch each other's pages. cancel() ends it between blocks (a failed export)."""
+
+    def __init__(self, cfg, weights: Mapping, spec, weight_bytes: int):
+        import threading
+
+        from kvtrace.exporter.references import LayerStreamedReference
+
+        self.plan = plan(cfg, spec, weight_bytes)
+        self.depth = cfg.n_layers if self.plan["mode"] == "full" else self.plan["layers"]
+        self.prompts, self.steps = validation_prompts(cfg, spec.max_seq)
+        self.cont = continuation(cfg, self.steps)
+        fork = getattr(weights, "fork", None)
+        ref_weights = fork() if callable(fork) else weights
+        self._own = ref_weights if ref_weights is not weights else None
+        if spec.quant is not None:  # the reference holds the artifact's quantised weights (dequantised, fp32)
+            from kvtrace.exporter.quantize import FakeQuantized
+
+            ref_weights = FakeQuantized(cfg, ref_weights, spec.quant_spec, spec.dtype)
+        self._stop = False
+        self._ref = LayerStreamedReference(cfg, ref_weights, {"kind": "checkpoint", "dtype": "float32"},
+                                           stop=lambda: self._stop)
+        self._trace, self._error = None, None
+        self._thread = threading.Thread(target=self._run, name="kvtrace-validation-reference", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        t0 = time.perf_counter()
+        try:
+            self._trace = self._ref.run(self.prompts, self.cont, [self.depth])[self.depth]
+            self._trace.seconds = time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - handed to the thread that asks for the trace
+            self._error = e
+        finally:
+            if self._own is not None:
+                self._own.close()
+
+    def trace(self):
+        """The reference's trace (waits for the thread; raises what it raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._trace
+
+    def cancel(self) -> None:
+        self._stop = True
+        self._thread.join()
+
+
 def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, written, check, release=None,
-                      log=print) -> dict:
+                      log=print, reference: StreamedReference | None = None) -> dict:
     """The streamed export's validation (module docstring); returns the manifest's entry or
-    raises ParityFailure / KvtraceError."""
+    raises ParityFailure / KvtraceError. reference: the StreamedReference started before writing
+    (None: started here)."""
     from kvtrace.exporter.export import skeleton
-    from kvtrace.exporter.references import LayerStreamedReference
 
     onnx_path = art / io_spec.ONNX_NAME
     t0 = time.perf_counter()
@@ -335,22 +391,16 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
         log(f"onnx.checker + shape inference ok; {check.checked} weights ({check.bytes / 1e9:.2f} GB) equal their "
             f"checkpoint tensors under the documented transform ({time.perf_counter() - t0:.2f}s)")
 
-    p = plan(cfg, spec, sum(t.nbytes for t in inits))
-    k = p["layers"]
-    depth = cfg.n_layers if p["mode"] == "full" else k
+    if reference is None:
+        reference = StreamedReference(cfg, weights, spec, sum(t.nbytes for t in inits))
+    p, k, depth, prompts, steps = reference.plan, reference.plan["layers"], reference.depth, reference.prompts, \
+        reference.steps
     log(f"{p['mode']} validation ({p['why']})")
-    prompts, steps = validation_prompts(cfg, spec.max_seq)
-    cont = continuation(cfg, steps)
-    ref_weights = weights
-    if spec.quant is not None:  # the reference holds the artifact's quantised weights (dequantised, fp32)
-        from kvtrace.exporter.quantize import FakeQuantized
-
-        ref_weights = FakeQuantized(cfg, weights, spec.quant_spec, spec.dtype)
-    ref = LayerStreamedReference(cfg, ref_weights, {"kind": "checkpoint", "dtype": "float32"})
     t0 = time.perf_counter()
-    trace = ref.run(prompts, cont, [depth])[depth]
-    trace.seconds = time.perf_counter() - t0
-    log(f"reference run, {depth} of {cfg.n_layers} blocks streamed one at a time in fp32 ({trace.seconds:.1f}s)")
+    trace = reference.trace()
+    waited = time.perf_counter() - t0
+    log(f"reference run, {depth} of {cfg.n_layers} blocks streamed one at a time in fp32 ({trace.seconds:.1f}s, "
+        f"beside the writing; waited {waited:.1f}s for it)")
     key = configs.tolerance_key(spec.dtype, spec.quant)
     tol = configs.TOLERANCES[key]
     result = {"mode": p["mode"], "why": p["why"],

@@ -146,7 +146,7 @@ class _WriteBehind:
 
     def __init__(self):
         self._sfr = None
-        self.jobs = None  # the worker that waits for the disk (started by the first drop)
+        self.jobs = None  # the worker that talks to the disk (started by the first call)
         if hasattr(os, "posix_fadvise"):
             try:
                 import ctypes
@@ -159,8 +159,15 @@ class _WriteBehind:
                 pass
 
     def start(self, fd: int, offset: int, n: int) -> None:
+        """Hand [offset, offset + n) to the disk now (in the worker: the call blocks while the
+        disk's queue is full, 4 s of a 7B export when the writing thread made it)."""
         if self._sfr is not None:
-            self._sfr(fd, offset, n, self.START)
+            self._worker().submit(lambda: self._sfr(fd, offset, n, self.START))
+
+    def _worker(self):
+        if self.jobs is None:
+            self.jobs = Jobs(depth=16)
+        return self.jobs
 
     def drop(self, fd: int, offset: int, n: int) -> None:
         """Drop [offset, offset + n) from the page cache once it is on disk (advice only: errors
@@ -168,8 +175,6 @@ class _WriteBehind:
         of its own, so that the caller (the per-tensor check) does not wait for it."""
         if self._sfr is None:
             return
-        if self.jobs is None:
-            self.jobs = Jobs(depth=16)
 
         def run():
             self._sfr(fd, offset, n, self.WAIT)
@@ -177,7 +182,7 @@ class _WriteBehind:
                 os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
-        self.jobs.submit(run)
+        self._worker().submit(run)
 
     def finish(self) -> None:
         if self.jobs is not None:

@@ -149,7 +149,17 @@ class CheckpointWeights(Mapping):
             start = e.start - e.start % _PAGE
             mm.madvise(mmap.MADV_WILLNEED, start, min(len(mm), e.end) - start)
 
+    def fork(self) -> "CheckpointWeights":
+        """The same checkpoint through mappings of its own, for a second reader in another thread
+        (the export's background reference): its release() drops its own pages only, never those
+        the writer is reading, and the writer's never drop its. No digest thread."""
+        return CheckpointWeights(self.ck)
+
     def _mapped(self, path: Path) -> np.ndarray:
+        with self._lock:
+            return self._mapped_locked(path)
+
+    def _mapped_locked(self, path: Path) -> np.ndarray:
         if path not in self._maps:
             try:
                 with open(path, "rb") as f:

@@ -90,20 +90,27 @@ def test_pieces_hold_every_node_once_and_only_their_blocks_weights(tmp_path):
         onnx.shape_inference.infer_shapes(onnx.load_from_string(p.graph_bytes), strict_mode=True)
 
 
-def test_a_tied_head_transposes_the_embedding_in_the_head_piece(tmp_path, monkeypatch):
-    """Transpose(embed.weight) of a tied head reads a weight alone: it belongs to the head piece.
-    Put in the context piece, its (D, V) output was handed on and kept once per call of the trace
-    (five copies of the embedding, held through every block's pass)."""
+def test_a_tied_head_reads_the_embedding_in_the_head_piece(tmp_path, monkeypatch):
+    """A tied head reads the embedding initializer in the head piece: model.onnx's FusedMatMul
+    directly, and in the standard spelling (MatMul(x, Transpose(embed.weight))) the Transpose,
+    a node that reads a weight alone, goes to the head piece too. Put in the context piece, its
+    (D, V) output was handed on and kept once per call of the trace (five copies of the
+    embedding, held through every block's pass)."""
     import onnx
+
+    from kvtrace.exporter.onnx_graph import standard_twin
 
     ck = tiny_hf.checkpoint("llama_gqa_linear_tied")
     art = export_checkpoint(ck, tmp_path / "a", max_seq=32, validate=False, **QUIET)
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
     cfg = load_manifest(art)["config"]
     pieces = chain.split(model, cfg["n_layers"])
-    head_t = [n.name for n in model.graph.node if n.op_type == "Transpose" and "embed.weight" in n.input]
-    assert head_t and head_t[0] in {n.name for n in pieces[-1].nodes}
+    head = [n.name for n in model.graph.node if n.op_type == "FusedMatMul" and "embed.weight" in n.input]
+    assert head and head[0] in {n.name for n in pieces[-1].nodes}
     assert "embed.weight" in pieces[-1].initializers
+    twin = standard_twin(model)
+    head_t = [n.name for n in twin.graph.node if n.op_type == "Transpose" and "embed.weight" in n.input]
+    assert head_t and head_t[0] in {n.name for n in chain.split(twin, cfg["n_layers"])[-1].nodes}
     peak = [0]
     run = chain._PieceBackend.run
 

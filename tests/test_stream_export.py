@@ -167,18 +167,15 @@ def _entries(d):
 
 
 def test_weight_written_wrong_fails_the_byte_check(sharded, tmp_path, capsys, monkeypatch):
-    """One weight transposed wrong by the builder: the byte check names it (exit 1), nothing left."""
-    real = onnx_graph.transposed
-    calls = []
+    """One weight stacked wrong by the builder: the byte check names it (exit 1), nothing left."""
+    real = onnx_graph.stacked
 
-    def wrong(a, out=None, block=64):
-        calls.append(1)
-        r = real(a, out, block)
-        if len(calls) == 3:
-            r[0, 0] += 1
+    def wrong(parts):
+        r = real(parts).copy()
+        r[0, 0] += 1
         return r
 
-    monkeypatch.setattr(onnx_graph, "transposed", wrong)
+    monkeypatch.setattr(onnx_graph, "stacked", wrong)
     out = tmp_path / "out"
     rc = cli.main(["export", "--checkpoint", str(sharded["llama_gqa_linear_tied"]), "--max-seq", "32",
                    "--out", str(out)])
@@ -283,8 +280,8 @@ def test_release_view_drops_a_mapped_range_and_nothing_else(tmp_path):
 
 def test_big_tensors_are_checked_in_bands(sharded, tmp_path, monkeypatch, capsys):
     """Every tensor counted big (files.RELEASE_WHILE_READING) and bands of 256 bytes: the export
-    is the same bytes and passes; the NaN scan, the transpose and the band check release what
-    they read; a wrong element in the last band of a transposed weight is named at its index."""
+    is the same bytes and passes; the NaN scan and the band check release what they read; a wrong
+    element in the last band of a weight is named at its index."""
     from kvtrace import files
     from kvtrace.exporter import verify
 
@@ -299,21 +296,18 @@ def test_big_tensors_are_checked_in_bands(sharded, tmp_path, monkeypatch, capsys
     assert _files(banded) == _files(plain) and len(released) > 100
     shutil.rmtree(banded)
 
-    real = onnx_graph.transposed
-    calls = []
+    real = onnx_graph.stacked
 
-    def wrong(a, out=None, tile=128):
-        calls.append(1)
-        r = real(a, out, tile)
-        if len(calls) == 3:  # the third part of layer 0's fused projection: V, the last columns
-            r[-1, -1] += 1
+    def wrong(parts):
+        r = real(parts).copy()
+        r[-1, -1] += 1  # layer 0's fused projection: the last row of V, in the last band
         return r
 
-    monkeypatch.setattr(onnx_graph, "transposed", wrong)
+    monkeypatch.setattr(onnx_graph, "stacked", wrong)
     rc = cli.main(["export", "--checkpoint", str(ck), "--max-seq", "32", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     cfg = load_checkpoint(ck).config
-    last = [cfg.hidden_size - 1, cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim - 1]
+    last = [cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim - 1, cfg.hidden_size - 1]
     assert rc == 1 and f"initializer 'layers.0.attn.qkv.weight'" in err and f"first at index {last}" in err, err
 
 

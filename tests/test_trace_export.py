@@ -161,7 +161,9 @@ def test_traced_equals_built(artifacts, capsys, arch, layout):
     assert load_manifest(traced)["via"] == "trace" and load_manifest(built)["via"] == "build"
     assert load_manifest(traced).io == load_manifest(built).io
     assert io_of(gt) == io_of(gb)  # names, dtypes, symbolic dims: the I/O contract
-    assert gt.ir_version == gb.ir_version and [(o.domain, o.version) for o in gt.opset_import] == [("", 24)]
+    opsets = [(o.domain, o.version) for o in gt.opset_import]
+    assert gt.ir_version == gb.ir_version and opsets == [(o.domain, o.version) for o in gb.opset_import]
+    assert opsets == [("", 24), ("com.microsoft", 1)]  # FusedMatMul(transB=1): the linear layers (onnx_graph)
     for g in (gb, gt):
         assert_fused_ops(g, cfg, layout)
     assert fused_signature(gt) == fused_signature(gb)
