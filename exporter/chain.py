@@ -11,7 +11,7 @@ already holds. So the graph is cut into pieces, and the trace is replayed piece 
       nodes of block i, the last piece the final norm and the head. A node goes to the piece of
       the block whose weights it reads (initializers named layers.{i}.*; norm_f.* and lm_head.*
       for the head), or to a later one when one of its inputs is made there; a node computed
-      from weights alone (a tied head's Transpose of the embedding) goes to the first piece that
+      from weights alone (the standard spelling's Transpose of a weight) goes to the first piece that
       reads its output. A tensor made in
       one piece and read in a later one (the residual stream, the mask) is an output of the
       first and an input of the second. Each piece is a graph of its own with the artifact's
@@ -94,7 +94,7 @@ def split(model, n_layers: int) -> list[Piece]:
             constant_out.update(node.output)
         for o in node.output:
             made_in[o] = p
-    # a node computed from weights alone (a tied head's Transpose of the embedding) runs in the
+    # a node computed from weights alone (MatMul(x, Transpose(w))'s Transpose) runs in the
     # first piece that reads it, not in the context: else its output, as big as the weight, would
     # be handed on and kept once per call
     outputs = {v.name for v in g.output}

@@ -10,7 +10,7 @@
                                 every weight written to model.onnx / model.onnx.data, read back
                                 from the file and compared byte for byte with what the graph
                                 builder makes of its source tensor (Initializer.data(): the
-                                cast / transpose / fusion of the checkpoint tensor). The parity
+                                cast / fusion of the checkpoint tensor). The parity
                                 prompts touch a few embedding rows; this covers every row of
                                 every weight, so a write that is wrong only where no prompt looks
                                 cannot pass validation.

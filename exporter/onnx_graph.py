@@ -335,7 +335,7 @@ class ModelGraph:
     def matmul_weight(self, x: str, name: str, rows: list[str], hint: str, out: list[str] | None = None) -> str:
         """x @ W.T where W stacks the (out, in) parameters `rows` (one parameter, or Q/K/V for the
         fused projection) on its rows: the one place a weight matrix meets a product. W is stored
-        as the checkpoint stores it, (out, in) (docs/architecture.md, "weight layout"): one
+        as the checkpoint stores it, (out, in) (module docstring, "Weight layout"): one
         parameter in the graph dtype is written straight from the checkpoint's bytes."""
         sizes = [self.shapes[r][0] for r in rows]
         K = self.shapes[rows[0]][1]

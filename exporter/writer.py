@@ -1,6 +1,6 @@
 """Writing model.onnx (+ model.onnx.data) one tensor at a time.
 
-    write_onnx(model, inits, path, external=..., on_tensor=None, jobs=None, hash_jobs=None) -> Written
+    write_onnx(model, inits, path, external=..., on_tensor=None, jobs=None) -> Written
 
 Embedded (below 2 GB): the protobuf wire format written by hand (field tags and lengths computed
 from the tensor sizes, then the raw bytes), so the weights never sit in a protobuf object; it
@@ -9,11 +9,11 @@ come in any order: the graph field is written last). External: each weight goes 
 model.onnx.data at an aligned offset (data_alignment) and the graph, written last, refers to it.
 
 Each file's sha256 is computed from the bytes as they go out (the manifest needs no second
-read). With a `jobs` worker (Jobs, a background thread), on_tensor(t, path, offset) runs there,
-in order, and the digests too unless `hash_jobs` (a second worker) takes them: this thread
-prepares and writes the next tensor meanwhile, so the exporter's per-tensor check, the page
-release and the hashing overlap with the writing (at 7B, ~1 CPU-second per GB for the check and
-0.6 for sha256; on 2 cores the split alone did not shorten a 7B export measurably).
+read). With a `jobs` worker (Jobs, a background thread), the digests and then on_tensor(t,
+path, offset) run there, in order, while this thread prepares and writes the next tensor: a
+tensor written straight from the mapped checkpoint is hashed from its pages before the
+exporter's on_tensor (the byte check, then the page release) drops them. At 7B that worker is
+busy ~13 s of a ~35 s write (sha256 at 1.2 GB/s, the byte check at ~7 GB/s).
 """
 from __future__ import annotations
 
@@ -270,15 +270,13 @@ def _without_graph(model) -> bytes:
     return m.SerializeToString()
 
 
-def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs=None, hash_jobs=None) -> Written:
+def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs=None) -> Written:
     """Write `model` (graph without weights) plus `inits` to `path` (module docstring).
     on_tensor(t, file_path, offset): after each tensor's bytes are in the file."""
     from onnx import TensorProto
 
     path = Path(path)
     jobs = jobs or _Inline()
-    hash_jobs = hash_jobs or jobs
-    workers = [jobs] if hash_jobs is jobs else [hash_jobs, jobs]
     offsets = {}
     outs = []
 
@@ -298,7 +296,7 @@ def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs
 
     try:
         if external:
-            f = _Out(path.with_name(DATA_NAME), hash_jobs,
+            f = _Out(path.with_name(DATA_NAME), jobs,
                      behind=external_data_bytes(inits) >= WRITE_BEHIND_FROM)
             outs.append(f)
             metas = []
@@ -316,7 +314,7 @@ def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs
                 blob = model.SerializeToString()
             finally:
                 del model.graph.initializer[len(model.graph.initializer) - len(metas):]
-            g = _Out(path, hash_jobs)
+            g = _Out(path, jobs)
             outs.append(g)
             g.write(blob)
             total = len(blob) + f.n
@@ -334,7 +332,7 @@ def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs
             total = len(head_wo_graph) + len(_TAG_MODEL_GRAPH) + len(_varint(graph_len)) + graph_len
             if total >= TWO_GB:
                 raise KvtraceError("model.onnx would exceed protobuf's 2 GB limit; use --external-data")
-            f = _Out(path, hash_jobs)
+            f = _Out(path, jobs)
             outs.append(f)
             f.write(head_wo_graph)
             f.write(_TAG_MODEL_GRAPH + _varint(graph_len))
@@ -342,14 +340,12 @@ def write_onnx(model, inits, path: Path, *, external: bool, on_tensor=None, jobs
             for t, meta, entry_len in entries:
                 f.write(_TAG_GRAPH_INITIALIZER + _varint(entry_len) + meta + _TAG_TENSOR_RAW + _varint(t.nbytes))
                 tensor(f, t)
-        for w in workers:
-            w.finish()
+        jobs.finish()
         for o in outs:  # after the jobs that queue its drops
             if o.behind is not None:
                 o.behind.finish()
     except BaseException:
-        for w in workers:
-            w.abort()
+        jobs.abort()
         for o in outs:
             if o.behind is not None:
                 o.behind.abort()

@@ -116,10 +116,11 @@ def rss_mb() -> dict[str, float]:
 
 
 # A tensor this large (the embedding and the head of most models) is released from memory while
-# it is read, wherever the export reads it whole: the NaN/Inf scan (exporter/checks.py), the
-# transpose (exporter/onnx_graph.py) and the byte check (exporter/verify.py, a band at a time).
-# Holding it whole at each step would triple it: 460 MB for the 154 MB fp32 head of Pythia-160M,
-# more than a pass over all its blocks holds. Smaller tensors are released whole after their check.
+# it is read, where the export can: the NaN/Inf scan (exporter/checks.py), the quantised path's
+# transposes (exporter/onnx_graph.py) and the byte check (exporter/verify.py, a band at a time).
+# Holding it whole and copied at each step tripled it: 460 MB for the 154 MB fp32 head of
+# Pythia-160M, more than a pass over all its blocks holds. Smaller tensors are released whole
+# after their check.
 RELEASE_WHILE_READING = 128 << 20
 
 

@@ -12,7 +12,7 @@ embedding scale is a config field the graph applies (the stored embedding is uns
 head of a tied model is the embedding itself (a stored copy is compared with it once).
 
 Memory: each safetensors shard is mapped read-only (mmap, MAP_SHARED) and a tensor is a numpy
-view of its bytes, so nothing is copied until the graph builder casts or transposes it. Pages
+view of its bytes, so nothing is copied unless the graph builder casts or stacks it. Pages
 of the mapping that have been read count in the process's RSS (as file-backed pages: RssFile)
 until they are released, so `release()` is called after every tensor is written: it drops the
 pages of the tensors handed out since the last call (madvise(MADV_DONTNEED); they stay in the

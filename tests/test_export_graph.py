@@ -365,3 +365,67 @@ def test_logits_index_selects_rows(form):
     g = _graph(arch, dtype, layout, opset)
     gather = [n for n in g.graph.node if n.op_type == "GatherND"]
     assert len(gather) == 1 and io_spec.LOGITS_INDEX in {i for n in g.graph.node for i in n.input}
+
+
+# ------------------------------------------------------------------------- weight layout
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linear_weights_stored_as_the_checkpoint_stores_them(arch):
+    """Every linear weight is an (out, in) initializer read by model.onnx's FusedMatMul(transB=1)
+    and by the GPU form's MatMul through a Transpose of it: the same initializer, the same bytes
+    as the parameter (Q, K, V stacked on rows), and the GPU form is standard ONNX alone."""
+    m = _builtin(arch)
+    cfg, w = m.cfg, _weights(m)
+    cpu = onnx_graph.build_graph(cfg, w, dtype="float32", layout="static", max_seq=MAX_SEQ)
+    gpu = onnx_graph.build_graph(cfg, w, dtype="float32", layout="static", max_seq=MAX_SEQ, linear="standard",
+                                 attend="full", attention_precision="native")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in cpu.graph.initializer}
+    fused = [n for n in cpu.graph.node if n.op_type == "FusedMatMul"]
+    assert fused and all(n.domain == "com.microsoft" and
+                         [(a.name, a.i) for a in n.attribute] == [("transB", 1)] for n in fused)
+    assert not [n for n in cpu.graph.node if n.op_type == "MatMul"]  # no projection left unfused
+    read = {n.input[1] for n in fused}
+    p = "layers.0.attn."
+    np.testing.assert_array_equal(inits[p + "qkv.weight"], np.concatenate([w[p + x + ".weight"] for x in "qkv"]))
+    for name in read - {p + "qkv.weight"} - {n for n in read if n.endswith("qkv.weight")}:
+        np.testing.assert_array_equal(inits[name], w[name])  # (out, in) as stored
+    head = "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    assert head in read
+    assert {o.domain for o in gpu.opset_import} == {""} and {n.domain for n in gpu.graph.node} <= {""}
+    producer = {o: n for n in gpu.graph.node for o in n.output}
+    gpu_read = {producer[n.input[1]].input[0] for n in gpu.graph.node
+                if n.op_type == "MatMul" and n.input[1] in producer and producer[n.input[1]].op_type == "Transpose"}
+    assert gpu_read == read
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_standard_twin_computes_the_same(arch, tmp_path):
+    """standard_twin (what ONNX's checker and shape inference are given) is the same graph:
+    onnxruntime gives the same logits for model.onnx and its twin, and strict shape inference
+    types every value of the twin. A twin that transposed nothing would fail here."""
+    import onnxruntime as ort
+
+    m = _builtin(arch)
+    cpu = onnx_graph.build_graph(m.cfg, _weights(m), dtype="float32", layout="dynamic", max_seq=MAX_SEQ)
+    twin = onnx_graph.standard_twin(cpu)
+    assert not [n for n in twin.graph.node if n.domain] and "FusedMatMul" not in {n.op_type for n in twin.graph.node}
+    onnx.shape_inference.infer_shapes(twin, strict_mode=True)
+    cfg, B, T = m.cfg, 2, 5
+    feeds = {io_spec.INPUT_IDS: np.arange(B * T, dtype=np.int64).reshape(B, T) % cfg.vocab_size,
+             io_spec.POSITION_IDS: np.tile(np.arange(T, dtype=np.int64), (B, 1)),
+             io_spec.LOGITS_INDEX: np.tile(np.arange(T, dtype=np.int64), (B, 1)),
+             io_spec.ATTENTION_MASK: np.ones((B, T), dtype=np.int64)}
+    for i in range(cfg.n_layers):
+        for kind in (io_spec.past_key(i), io_spec.past_value(i)):
+            feeds[kind] = np.zeros((B, cfg.n_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+    outs = [ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [io_spec.LOGITS], feeds)[0] for g in (cpu, twin)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(twin)
+    square = [n for n in broken.graph.node if n.op_type == "Transpose" and n.input[0] == "layers.0.attn.o.weight"]
+    assert len(square) == 1  # (D, D): the twin still runs with it not transposed, and must differ
+    square[0].op_type = "Identity"
+    del square[0].attribute[:]
+    got = ort.InferenceSession(broken.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [io_spec.LOGITS], feeds)[0]
+    assert np.abs(outs[0] - got).max() > 1e-3

@@ -340,6 +340,88 @@ def test_release_upto_a_mark_leaves_later_tensors_alone(tmp_path):
     assert one - none > 25, (one, none)
 
 
+def test_a_fork_releases_its_own_pages_only(tmp_path):
+    """weights.fork() (the background reference's view): the fork's release() leaves the pages the
+    writer's mapping holds, and the writer's release() leaves the fork's (each its own mapping)."""
+    from kvtrace.files import rss_mb
+    from kvtrace.models.checkpoint import open_checkpoint
+    from kvtrace.models.stream import CheckpointWeights
+
+    w = CheckpointWeights(open_checkpoint(tiny_hf.with_vocab(tmp_path / "ck", 131072)))  # 32 MiB embed
+    f = w.fork()
+    base = rss_mb()["file"]
+    a, b = w["embed.weight"], f["embed.weight"]
+    float(a.sum()), float(b.sum())
+    both = rss_mb()["file"]  # the same file pages, mapped twice: counted twice
+    f.release()
+    writer_only = rss_mb()["file"]
+    float(a.sum())  # still mapped in the writer's mapping: no fault, no growth
+    again = rss_mb()["file"]
+    float(b.sum())
+    w.release()
+    fork_only = rss_mb()["file"]
+    f.close()
+    w.close()
+    assert both - base > 55, (base, both)
+    assert 25 < both - writer_only < 40 and abs(again - writer_only) < 5, (both, writer_only, again)
+    assert abs(fork_only - writer_only) < 5, (writer_only, fork_only)
+
+
+def test_a_failed_export_stops_its_background_reference(sharded, tmp_path, monkeypatch):
+    """The validation's reference runs in a thread while the weights are written; an export that
+    fails while writing (a weight the byte check refuses) stops it between blocks: no thread
+    left running, nothing left on disk."""
+    import threading
+    import time
+
+    from kvtrace.exporter import references, verify
+
+    started, stopped = threading.Event(), threading.Event()
+    real_run = references.LayerStreamedReference._run
+
+    def slow_run(self, *a, **k):
+        stop = self._stop
+
+        def watched():  # asked before each block: slow, so that only a stop ends the run early
+            if stop():
+                stopped.set()
+                return True
+            time.sleep(0.3)
+            return False
+        self._stop = watched
+        started.set()
+        return real_run(self, *a, **k)
+
+    def refuse(self, t, path, offset):
+        started.wait(10)  # the reference is running when the write fails
+        raise verify.WeightMismatch(f"{path.name}: initializer '{t.name}' refused by the test")
+
+    monkeypatch.setattr(references.LayerStreamedReference, "_run", slow_run)
+    monkeypatch.setattr(verify.InitializerCheck, "_check", refuse)
+    with pytest.raises(ParityFailure, match="refused by the test"):
+        export_checkpoint(sharded["neox_parallel_r025"], tmp_path / "out", max_seq=32, **QUIET)
+    assert started.is_set() and stopped.is_set()
+    assert not [t.name for t in threading.enumerate() if t.name == "kvtrace-validation-reference"]
+    assert _entries(tmp_path) == []
+
+
+def test_same_bytes_finds_a_difference_anywhere():
+    """verify.same_bytes compares 8-byte words and the tail: equal arrays pass, one flipped bit
+    anywhere (a word, the last byte of an odd-sized tail) fails, sizes must agree."""
+    from kvtrace.exporter.verify import same_bytes
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, (1 << 17) * 8 + 3, 3 * (1 << 20) + 5):
+        a = rng.integers(0, 256, n, dtype=np.uint8)
+        assert same_bytes(a, a.copy())
+        for at in {0, n // 2, n - 1} if n else set():
+            b = a.copy()
+            b[at] ^= 1
+            assert not same_bytes(a, b), (n, at)
+    x = rng.integers(0, 1 << 16, (64, 48), dtype=np.uint16)
+    assert same_bytes(x, x.copy()) and not same_bytes(x, x[:63].copy())
+
+
 def test_membership_reads_no_tensor(tmp_path):
     """`name in weights` (the builder's completeness check) neither reads nor checks a tensor:
     through Mapping's default it read and NaN-checked the whole checkpoint before writing began
