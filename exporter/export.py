@@ -330,6 +330,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
             def before_writing(inits):
                 nonlocal streamed_ref
                 streamed_ref = validate.StreamedReference(cfg, weights, spec, sum(t.nbytes for t in inits))
+                streamed_ref.start()
         graph, inits, graph_info, written = _write_graph(cfg, weights, tmp, spec, log, need, check, progress, model,
                                                          before_writing=before_writing if streamed else None)
         readback = checks.check_initializers(tmp / io_spec.ONNX_NAME, inits, lambda m: log("validate: " + m)) \
@@ -361,7 +362,7 @@ def export_artifact(cfg, weights: Mapping, out_dir, spec: ExportSpec, *, referen
                     tmp, graph, inits, cfg, weights, reference, spec=spec, release=release, model=model, log=vlog,
                     accuracy_reference=accuracy_reference)
                 manifest["validation"]["written_weights"] = {**readback, "equal_to_source": True}
-            manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME, layout=spec.layout,
+            manifest["validation"]["gpu"] = gpu_form.check(gpu_sk, tmp / gpu_form.GPU_ONNX_NAME, layout=spec.layout, cpu=graph,
                                                             traced=spec.via == "trace")
             log(f"validate: {gpu_form.GPU_ONNX_NAME}: {manifest['validation']['gpu']['method']}")
             write_manifest(tmp, manifest)

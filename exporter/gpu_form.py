@@ -78,16 +78,60 @@ def _external_metas(onnx_path: Path) -> dict:
     return out
 
 
+def native_attention(model) -> int:
+    """In place: each Attention(Cast(q), Cast(k), Cast(v), mask) whose casts are to fp32 and whose
+    output goes only to a Cast back to fp16/bf16 (a traced low-precision graph attends in fp32,
+    as the builder's CPU form does) becomes Attention(q, k, v, mask) in that dtype, as in the
+    builder's GPU form: TensorRT has no fused fp32 attention kernel for it ("Attention operation
+    was not supported by a dedicated kernel"), and its fused kernels accumulate in fp32. Casts
+    left without a reader go. Returns the number of Attention nodes changed."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+
+    def cast_to(n):
+        return helper.get_attribute_value(next(a for a in n.attribute if a.name == "to")) if n.op_type == "Cast" else None
+
+    changed, gone = 0, set()
+    for n in g.node:
+        if n.op_type != "Attention" or len(n.input) < 3:
+            continue
+        casts = [producer.get(x) for x in n.input[:3]]
+        back = readers.get(n.output[0], [])
+        if (any(c is None or cast_to(c) != TensorProto.FLOAT for c in casts) or len(n.output) != 1
+                or len(back) != 1 or cast_to(back[0]) not in (TensorProto.FLOAT16, TensorProto.BFLOAT16)):
+            continue
+        for i, c in enumerate(casts):
+            n.input[i] = c.input[0]
+            if all(r is n for r in readers[c.output[0]]):
+                gone.add(id(c))
+        n.output[0] = back[0].output[0]
+        gone.add(id(back[0]))
+        changed += 1
+    keep = [n for n in g.node if id(n) not in gone]
+    del g.node[:]
+    g.node.extend(keep)
+    return changed
+
+
 def from_traced(graph, inits, info):
     """The GPU form of a traced graph (`kvtrace export --via trace`): the traced static graph
     already attends over the whole cache with the mask, so it is the same graph in standard ONNX
-    (its linear layers MatMul(x, Transpose(w)), as the builder's GPU form) without
-    `softmax_precision` (which TensorRT's parser rejects)."""
+    (its linear layers MatMul(x, Transpose(w)), as the builder's GPU form), its fp16/bf16
+    attention in the graph dtype (native_attention) and without `softmax_precision` (which
+    TensorRT's parser rejects)."""
     from kvtrace.exporter.onnx_graph import standard_twin
 
     model = standard_twin(graph)
+    native = native_attention(model)
     drop_attention_attribute(model, "softmax_precision")
-    return model, inits, {**info, "softmax_precision": "dropped", "for": list(USED_BY)}
+    return model, inits, {**info, "softmax_precision": "dropped", "for": list(USED_BY),
+                          **({"attention_precision": "native"} if native else {})}
 
 
 def write(cfg, weights, out_dir: Path, *, built=None, **cpu_options) -> tuple[dict, object]:
@@ -157,9 +201,10 @@ def value_dependent_dims(model) -> list[str]:
     return bad
 
 
-def check(skeleton_model, path: Path, *, layout: str = "static", traced: bool = False) -> dict:
+def check(skeleton_model, path: Path, *, layout: str = "static", traced: bool = False, cpu=None) -> dict:
     """The export's checks of the GPU form: onnx.checker (by path, so the external references
-    are checked against model.onnx.data), strict shape inference, and (static cache)
+    are checked against model.onnx.data), strict shape inference, the linear layers against
+    model.onnx's (`cpu`, its graph: onnx_graph.check_linears) and (static cache)
     value-independent Attention input shapes. Its logits are compared with model.onnx's on the
     CPU by the tests (tests/test_gpu_form.py) and on a GPU by `kvtrace gpu-check`; TensorRT-RTX
     parses it in CI (tests/test_trt_interop.py)."""
@@ -172,15 +217,23 @@ def check(skeleton_model, path: Path, *, layout: str = "static", traced: bool = 
         onnx.checker.check_model(str(path))
     except Exception as e:  # noqa: BLE001 - onnx raises several types
         raise KvtraceError(f"{path.name}: ONNX check failed: {e}") from e
+    if cpu is not None:
+        from kvtrace.exporter.onnx_graph import check_linears
+
+        try:
+            check_linears(cpu, skeleton_model, {i.name for i in skeleton_model.graph.input})
+        except KvtraceError as e:
+            raise KvtraceError(f"{path.name}: {e}") from e
+    linears = "; every linear weight read as model.onnx reads it, through a Transpose" if cpu is not None else ""
     if layout != "static":  # past + new tokens: shape inference cannot name the sum, nothing to check
-        return {"method": "onnx.checker + strict shape inference"}
+        return {"method": "onnx.checker + strict shape inference" + linears}
     if traced:  # torch.onnx's reshapes hide the dims from ONNX shape inference; nothing to prove with it
-        return {"method": "onnx.checker + strict shape inference (a traced graph: its Attention input shapes "
-                          "cannot be proven value-independent by shape inference; the traced static graph has "
-                          "no Slice to the slots in use)"}
+        return {"method": "onnx.checker + strict shape inference" + linears + " (a traced graph: its Attention "
+                          "input shapes cannot be proven value-independent by shape inference; the traced static "
+                          "graph has no Slice to the slots in use)"}
     bad = value_dependent_dims(skeleton_model)
     if bad:
         raise KvtraceError(f"{path.name}: Attention inputs with shapes that depend on input values: "
                            + "; ".join(bad[:4]))
-    return {"method": "onnx.checker + strict shape inference; every Attention input shape static or "
-                      "named from the graph inputs' dims"}
+    return {"method": "onnx.checker + strict shape inference" + linears + "; every Attention input shape "
+                      "static or named from the graph inputs' dims"}

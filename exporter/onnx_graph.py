@@ -25,12 +25,15 @@ computes x @ W.T (`matmul_t`). An fp16 checkpoint exported in fp16 is then writt
 from its own bytes: the 7B export spent 22 s of its 46 s transposing (numpy, torch and
 onnxruntime all transpose fp16 at ~1.2 GB/s here), and its byte check compared transposed
 bands at 1.7 GB/s instead of contiguous ones at 7. The product has two spellings (`linear`):
-  * "fused" (model.onnx, for onnxruntime): FusedMatMul(x, W, transB=1), onnxruntime's contrib
-    op (com.microsoft). MLAS packs W as stored; measured against MatMul on a pre-transposed
-    copy (Pythia-160M MLP shapes, 12 layers, 2 threads): the same speed and memory with
-    prepacking, 1.7x faster at batch 8 without it, and no copy at load.
-  * "standard" (model.gpu.onnx, for TensorRT and onnxruntime-cuda): MatMul(x, Transpose(W)),
-    standard ONNX; the TensorRT parser transposes constant weights while it builds.
+  * "fused" (model.onnx at opset 24, for onnxruntime, which alone runs that opset's fused
+    operators anyway): FusedMatMul(x, W, transB=1), onnxruntime's contrib op (com.microsoft).
+    MLAS packs W as stored; measured against MatMul on a pre-transposed copy (Pythia-160M MLP
+    shapes, 12 layers, 2 threads): the same speed and memory with prepacking, 1.7x faster at
+    batch 8 without it, and no copy at load.
+  * "standard" (model.gpu.onnx, for TensorRT and onnxruntime-cuda, and both graphs of the
+    portable opset-17 form, for any runtime): MatMul(x, Transpose(W)), standard ONNX; the
+    TensorRT parser transposes constant weights while it builds, onnxruntime folds the
+    Transpose into a copy when it loads.
 ONNX's own checker and shape inference know no contrib op: `standard_twin` gives them the
 standard spelling of the same graph, every value keeping its name.
 
@@ -294,7 +297,7 @@ class ModelGraph:
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str, layout: str,
                  max_seq: int, opset: int, attend: str = "used", attention_precision: str = "float32",
-                 linear: str = "fused", quant=None):
+                 linear: str | None = None, quant=None):
         check_options(cfg, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset)
         if attend not in ATTEND:
             raise KvtraceError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
@@ -309,6 +312,8 @@ class ModelGraph:
         # scores and softmax in fp32 ("float32", the CPU form) or as TensorRT fuses them ("native")
         self.fp32_attention = attention_precision == "float32" and dtype != "float32"
         self.attention_precision = attention_precision
+        if linear is None:  # the portable form is standard ONNX throughout
+            linear = "fused" if opset >= FUSED_MIN_OPSET else "standard"
         if linear not in LINEAR:
             raise KvtraceError(f"linear={linear!r}: expected one of {', '.join(LINEAR)}")
         self.linear_form = linear
@@ -749,7 +754,7 @@ CONTRIB_DOMAIN = "com.microsoft"
 
 def build(cfg: ModelConfig, weights: Mapping[str, np.ndarray], *, dtype: str = "float32",
           layout: str = "static", max_seq: int, opset: int = FUSED_MIN_OPSET, attend: str = "used",
-          attention_precision: str = "float32", linear: str = "fused", quant=None):
+          attention_precision: str = "float32", linear: str | None = None, quant=None):
     """-> (ModelProto without weight initializers, [Initializer], description dict); see ModelGraph."""
     return ModelGraph(cfg, weights, dtype=dtype, layout=layout, max_seq=max_seq, opset=opset,
                       attend=attend, attention_precision=attention_precision, linear=linear, quant=quant).build()
@@ -790,6 +795,42 @@ def fused_linears(model, weights: set[str]) -> int:
     if done and not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.add(domain=CONTRIB_DOMAIN, version=1)
     return done
+
+
+def linear_reads(model, weights) -> dict[str, str]:
+    """How each weight in `weights` (names) meets a matrix product in `model`: "fused"
+    (FusedMatMul with transB=1 reads it), "transposed" (MatMul reads Transpose(it, perm=[1, 0]))
+    or "direct" (MatMul reads it as it is: in this layout, a Transpose missing). A weight read
+    two ways is reported as its last."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "FusedMatMul" and n.domain == CONTRIB_DOMAIN and n.input[1] in weights:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            out[n.input[1]] = "fused" if attrs == {"transB": 1} else f"FusedMatMul {attrs}"
+        elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx"):
+            b = n.input[1]
+            t = producer.get(b)
+            if b in weights:
+                out[b] = "direct"
+            elif t is not None and t.op_type == "Transpose" and t.input[0] in weights:
+                perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+                out[t.input[0]] = "transposed" if perm == [[1, 0]] else f"Transpose {perm}"
+    return out
+
+
+def check_linears(cpu, gpu, weights) -> None:
+    """Both graph forms multiply the same (out, in) weights by x, each in its own spelling: model.onnx
+    with FusedMatMul(transB=1) (opset 24) or MatMul of a Transpose (portable), model.gpu.onnx with
+    MatMul of a Transpose; no weight meets a MatMul untransposed. Raises KvtraceError naming the
+    first weight that differs (a dropped Transpose of a square weight passes shape inference)."""
+    a, b = linear_reads(cpu, weights), linear_reads(gpu, weights)
+    spelled = "fused" if any(o.domain == CONTRIB_DOMAIN for o in cpu.opset_import) else "transposed"
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != spelled or b.get(name) != "transposed":
+            raise KvtraceError(f"weight {name!r} meets its product as {a.get(name, 'nothing')} in "
+                               f"{io_spec.ONNX_NAME} and as {b.get(name, 'nothing')} in the GPU form; expected "
+                               f"{spelled} and transposed (x @ W.T of the (out, in) weight)")
 
 
 def standard_twin(model) -> onnx.ModelProto:

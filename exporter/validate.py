@@ -341,7 +341,12 @@ class StreamedReference:
                                            stop=lambda: self._stop)
         self._trace, self._error = None, None
         self._thread = threading.Thread(target=self._run, name="kvtrace-validation-reference", daemon=True)
+
+    def start(self) -> "StreamedReference":
+        """Start the thread (apart from __init__, so that whoever holds the object can cancel it
+        even when an interrupt lands right after the start)."""
         self._thread.start()
+        return self
 
     def _run(self):
         t0 = time.perf_counter()
@@ -363,7 +368,10 @@ class StreamedReference:
 
     def cancel(self) -> None:
         self._stop = True
-        self._thread.join()
+        if self._thread.ident is not None:  # started: it closes its own mappings
+            self._thread.join()
+        elif self._own is not None:
+            self._own.close()
 
 
 def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, written, check, release=None,
@@ -392,7 +400,7 @@ def validate_streamed(art: Path, graph, inits, cfg, weights: Mapping, *, spec, w
             f"checkpoint tensors under the documented transform ({time.perf_counter() - t0:.2f}s)")
 
     if reference is None:
-        reference = StreamedReference(cfg, weights, spec, sum(t.nbytes for t in inits))
+        reference = StreamedReference(cfg, weights, spec, sum(t.nbytes for t in inits)).start()
     p, k, depth, prompts, steps = reference.plan, reference.plan["layers"], reference.depth, reference.prompts, \
         reference.steps
     log(f"{p['mode']} validation ({p['why']})")

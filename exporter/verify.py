@@ -149,7 +149,8 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two C-contiguous arrays hold the same bytes. Compared as 8-byte words a cache-sized
     piece at a time: 7.4 GB/s on this project's 2-core machine, where torch.equal on int16 views
     gives 1.8 and np.array_equal 3.6 (it allocates a whole bool array)."""
-    x, y = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
+    x = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # (no copy: the callers' arrays are contiguous)
+    y = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
     if x.size != y.size:
         return False
     n8 = x.size - x.size % 8

@@ -105,17 +105,18 @@ class Jobs:
         self._raise()
 
     def abort(self) -> None:
-        """Stop without running what is queued (after an error or an interrupt)."""
+        """Stop without running what is queued (after an error or an interrupt), and wait for the
+        function running now to return: the caller then closes what the jobs use (the byte check's
+        file descriptors), and a worker still inside torch when the interpreter exits aborts the
+        process (SIGABRT, "terminate called without an active exception", instead of exit 130)."""
         self._abort = True
         while True:
             try:
                 self._q.get_nowait()
             except queue.Empty:
                 break
-        try:
-            self._q.put_nowait(None)
-        except queue.Full:  # the worker took nothing and something else filled it: it skips, then sees None
-            pass
+        self._q.put(None)  # this thread alone submits: after the drain there is room
+        self._thread.join()
 
 
 class _Inline:

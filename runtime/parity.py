@@ -534,8 +534,16 @@ def _fmt(x, spec: str = ".2e") -> str:
     return format(x, spec) if math.isfinite(x) else str(x)
 
 
+def _streamed(report: dict) -> bool:
+    """Whether the reference was the layer-streamed one (its tokens after the prompts are a fixed
+    continuation, not its own greedy choice)."""
+    ref = report.get("reference")
+    return isinstance(ref, dict) and bool(ref.get("streamed"))
+
+
 def format_table(report: dict) -> str:
     tol, s = report["tolerance"], report["summary"]
+    fed = "a fixed continuation token" if _streamed(report) else "the reference's greedy token"
     lines = [
         f"kvtrace parity  {report['artifact']}",
         f"  artifact : {report['architecture']} {report['dtype']}"
@@ -543,7 +551,7 @@ def format_table(report: dict) -> str:
         f"backend {report['backend']}",
         f"  reference: {report['against']} ({describe_reference(report['reference'])})",
         f"  prompts  : {report['batch']} rows, lengths {', '.join(map(str, report['prompt_lengths']))} "
-        f"(seed {report['seed']}); {report['steps']} decode steps, each fed the reference's greedy token",
+        f"(seed {report['seed']}); {report['steps']} decode steps, each fed {fed}",
         f"  tolerance: |Δlogit| <= max({tol['max_abs']:g}, {tol.get('max_rel', 0):g} x std of the reference's "
         f"logits) per position, top-1 >= {tol['top1']:g} over decisive positions (configs.TOLERANCES"
         f"{'[' + repr(report['tolerance_row']) + ']' if report.get('tolerance_row') else ''})",

@@ -193,6 +193,8 @@ def test_streamed_parity_passes_and_says_how_it_ran(variant, tmp_path, capsys):
 
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["passed"] and r["backend"] == "onnxruntime (piece by piece)" and "one block at a time" in r["reference"]["streamed"]
+    # the table says what the decode steps were fed: the fixed continuation, not the reference's choice
+    assert "each fed a fixed continuation token" in out.out and "greedy token" not in out.out, out.out
 
 
 def test_streamed_parity_is_chosen_when_memory_is_short_and_fails_a_damaged_late_block(tmp_path, monkeypatch):

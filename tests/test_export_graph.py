@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx.reference
 import pytest
 import torch
 
@@ -246,7 +247,10 @@ def test_portable_opset17_matches(arch, tmp_path):
     ops = Counter(n.op_type for n in g.graph.node)
     assert ops["Attention"] == ops["RotaryEmbedding"] == ops["TensorScatter"] == 0
     assert ops["Softmax"] == m.cfg.n_layers
-    assert g.opset_import[0].version == 17 and g.ir_version == 8
+    # standard ONNX throughout (the linear layers MatMul of a Transpose): any runtime takes it
+    assert [(o.domain, o.version) for o in g.opset_import] == [("", 17)] and g.ir_version == 8
+    assert ops["FusedMatMul"] == 0 and {n.domain for n in g.graph.node} == {""}
+    onnx.reference.ReferenceEvaluator(g)  # ONNX's own evaluator knows every node
     res = helpers.export_and_compare(m, tmp_path, dtype="float32", layout="dynamic", max_seq=MAX_SEQ, opset=17,
                                      prompts=helpers.prompts(m.cfg, [12, 7]), steps=16)
     print(f"{arch} opset 17: {res.summary()}")
@@ -429,3 +433,23 @@ def test_standard_twin_computes_the_same(arch, tmp_path):
     got = ort.InferenceSession(broken.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         [io_spec.LOGITS], feeds)[0]
     assert np.abs(outs[0] - got).max() > 1e-3
+
+
+def test_a_dropped_transpose_fails_the_export(tmp_path, monkeypatch):
+    """The GPU form's linear layers are checked against model.onnx's at export: a MatMul that
+    reads a square (D, D) weight untransposed passes ONNX's shape inference; the export fails
+    naming it, leaving nothing behind."""
+    from kvtrace.errors import KvtraceError
+
+    real = onnx_graph.ModelGraph.matmul_t
+
+    def dropped(self, x, w, hint, out=None):
+        if self.linear_form == "standard" and w == "layers.0.attn.o.weight":
+            return self.g.op("MatMul", [x, w], hint=hint, out=out)
+        return real(self, x, w, hint, out)
+
+    monkeypatch.setattr(onnx_graph.ModelGraph, "matmul_t", dropped)
+    with pytest.raises(KvtraceError, match=r"model.gpu.onnx: weight 'layers.0.attn.o.weight' meets its product as "
+                                           r"fused in model.onnx and as direct in the GPU form"):
+        export_model(_builtin("llama"), tmp_path / "a", max_seq=MAX_SEQ, log=lambda s: None)
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []

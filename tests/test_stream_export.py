@@ -405,6 +405,30 @@ def test_a_failed_export_stops_its_background_reference(sharded, tmp_path, monke
     assert _entries(tmp_path) == []
 
 
+def test_aborted_jobs_wait_for_the_running_one_and_skip_the_rest():
+    """writer.Jobs.abort() returns once the function running on the worker has returned (the
+    caller then closes what it uses; a worker left inside torch at interpreter exit aborted the
+    process with SIGABRT instead of exit 130), and what was queued never runs."""
+    import threading
+    import time
+
+    from kvtrace.exporter.writer import Jobs
+
+    ran, started = [], threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(0.5)
+        ran.append("slow")
+
+    jobs = Jobs(depth=4)
+    jobs.submit(slow)
+    jobs.submit(lambda: ran.append("queued"))
+    started.wait(5)
+    jobs.abort()
+    assert ran == ["slow"] and not jobs._thread.is_alive()
+
+
 def test_same_bytes_finds_a_difference_anywhere():
     """verify.same_bytes compares 8-byte words and the tail: equal arrays pass, one flipped bit
     anywhere (a word, the last byte of an odd-sized tail) fails, sizes must agree."""

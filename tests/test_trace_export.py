@@ -325,3 +325,32 @@ def test_data_dependent_control_flow_is_one_line_naming_the_module(monkeypatch, 
     with pytest.raises(KvtraceError, match="cannot trace MLP.forward"):
         ld = _loaded(VARIANTS["gpt_neox"])
         export_model(ld.model, tmp_path / "api", via="trace", max_seq=MAX_SEQ, validate=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_traced_low_precision_gpu_form_attends_natively(tmp_path, dtype):
+    """The traced fp16/bf16 graph attends in fp32 (q/k/v cast around Attention, like the builder's
+    CPU form); its GPU form attends in the graph dtype, like the builder's GPU form: no Cast
+    around any Attention, and (fp16, on onnxruntime's CPU) the reference's logits within the fp16
+    tolerances. TensorRT-RTX then fuses it (without the rewrite it refused to build: "Attention
+    operation was not supported by a dedicated kernel")."""
+    from kvtrace import configs
+    from tests import helpers
+
+    ld = _loaded(VARIANTS["llama"])
+    art = export_model(ld.model, tmp_path / "t", dtype=dtype, layout="static", max_seq=MAX_SEQ, via="trace",
+                       validate=False, log=lambda m: None)
+    gpu = onnx.load(str(art / "model.gpu.onnx"), load_external_data=False)
+    producer = {o: n for n in gpu.graph.node for o in n.output}
+    attn = [n for n in gpu.graph.node if n.op_type == "Attention"]
+    assert len(attn) == ld.config.n_layers
+    assert not [x for n in attn for x in n.input[:3] if producer.get(x) is not None and producer[x].op_type == "Cast"]
+    assert load_manifest(art)["graphs"]["gpu"]["attention_precision"] == "native"
+    if dtype == "float16":  # (onnxruntime's CPU provider has no bf16 kernels)
+        res = helpers.replay_against(art, ld.model, prompts=PROMPTS[:2], steps=4, graph="gpu")
+        tol = configs.TOLERANCES["float16"]
+        assert res.finite and res.max_abs <= tol["max_abs"] and res.top1 >= tol["top1"], res.summary()
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt_rtx is not importable (pip install tensorrt-rtx-cu13): the TensorRT build is not checked")
+    rc = cli.main(["build", str(art), "--compute-capability", "sm89", "--inspect", "--json", "--optimization-level", "0"])
+    assert rc == 0

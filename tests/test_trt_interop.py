@@ -515,23 +515,15 @@ def test_tensorrt_10_runs_portable_artifacts_only(tmp_path, monkeypatch):
 def test_portable_gpu_form_fuses_attention(tmp_path, arch):
     """TensorRT-RTX's builder report: the portable GPU form (fp16 MatMuls, fp32 softmax between,
     K/V repeated to all heads) gets one fused attention kernel per layer in both profiles, where
-    model.onnx of the same artifact (q/k cast to fp32, GQA as 5-D groups) gets none. (model.onnx
-    spells its linear layers with onnxruntime's FusedMatMul, which TensorRT does not parse: its
-    standard twin, the same graph with MatMul(x, Transpose(w)), is what is built.)"""
-    import onnx
-
+    model.onnx of the same artifact (q/k cast to fp32, GQA as 5-D groups) gets none."""
     from kvtrace.exporter import trt as build
-    from kvtrace.exporter.onnx_graph import standard_twin
     from kvtrace.manifest import load_manifest
 
     art = _export(tmp_path, arch, "float16", layout="dynamic", opset=17)
     m = load_manifest(art)
     L = configs.BUILTIN[arch].n_layers
-    cpu = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    assert any(n.op_type == "FusedMatMul" for n in cpu.graph.node)
-    onnx.save(standard_twin(cpu), str(art / "model.cpu-standard.onnx"))  # external data: the same file
     kernels = {}
-    for f in (art / "model.gpu.onnx", art / "model.cpu-standard.onnx"):
+    for f in (art / "model.gpu.onnx", art / "model.onnx"):
         logger = trt_backend.TrtLogger(trt)
         builder = trt.Builder(logger)
         network, _parser, _ = build.parse_network(trt, builder, logger, f)
@@ -543,7 +535,7 @@ def test_portable_gpu_form_fuses_attention(tmp_path, arch):
     print(kernels)
     gpu = kernels["model.gpu.onnx"]
     assert [sum(k.values()) for k in gpu] == [L, L] and all("_mha" in n for k in gpu for n in k), gpu
-    assert kernels["model.cpu-standard.onnx"] == [{}, {}]
+    assert kernels["model.onnx"] == [{}, {}]
 
 
 def test_print_and_import_need_no_torch_onnx_or_tensorrt(tmp_path, art_and_engine):
