@@ -768,6 +768,17 @@ def build_graph(cfg: ModelConfig, weights: Mapping[str, np.ndarray], **options) 
     return model
 
 
+def _transpose_of_weight(name: str, producer: dict, weights) -> onnx.NodeProto | None:
+    """The Transpose node that makes value `name` from a weight (a name in `weights`), or None:
+    how a linear layer's weight meets a MatMul in the standard spelling (with perm [1, 0])."""
+    t = producer.get(name)
+    return t if t is not None and t.op_type == "Transpose" and t.input[0] in weights else None
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
 def fused_linears(model, weights: set[str]) -> int:
     """In place: each MatMul(x, Transpose(w, perm=[1, 0])) of a weight w becomes FusedMatMul(x, w,
     transB=1) (a traced graph's linear layers in the builder's CPU form); a Transpose left without
@@ -780,9 +791,9 @@ def fused_linears(model, weights: set[str]) -> int:
             readers[x] = readers.get(x, 0) + 1
     out, done = [], 0
     for n in g.node:
-        t = producer.get(n.input[1]) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") else None
-        if (t is not None and t.op_type == "Transpose" and t.input[0] in weights
-                and [list(a.ints) for a in t.attribute if a.name == "perm"] == [[1, 0]]):
+        t = _transpose_of_weight(n.input[1], producer, weights) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") \
+            else None
+        if t is not None and _perm(t) == [1, 0]:
             out.append(helper.make_node("FusedMatMul", [n.input[0], t.input[0]], list(n.output), name=n.name,
                                         domain=CONTRIB_DOMAIN, transB=1))
             readers[t.output[0]] -= 1
@@ -809,13 +820,11 @@ def linear_reads(model, weights) -> dict[str, str]:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             out[n.input[1]] = "fused" if attrs == {"transB": 1} else f"FusedMatMul {attrs}"
         elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx"):
-            b = n.input[1]
-            t = producer.get(b)
+            b, t = n.input[1], _transpose_of_weight(n.input[1], producer, weights)
             if b in weights:
                 out[b] = "direct"
-            elif t is not None and t.op_type == "Transpose" and t.input[0] in weights:
-                perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
-                out[t.input[0]] = "transposed" if perm == [[1, 0]] else f"Transpose {perm}"
+            elif t is not None:
+                out[t.input[0]] = "transposed" if _perm(t) == [1, 0] else f"Transpose {_perm(t)}"
     return out
 
 

@@ -107,7 +107,7 @@ class _Bands:
     nothing of it stays mapped)."""
 
     def __init__(self, fd: int, offset: int, dims: tuple[int, ...], nbytes: int):
-        self.fd, self.offset, self.dims, self.nbytes = fd, offset, dims, nbytes
+        self.fd, self.offset, self.dims = fd, offset, dims
         size = os.fstat(fd).st_size
         if offset + nbytes > size:
             raise KvtraceError(f"the written file ends at byte {size}, a weight was written up to byte "
